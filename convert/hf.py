@@ -1,0 +1,23 @@
+"""HF-format InstructBLIP / BLIP-2 checkpoints: the full key table per family."""
+from __future__ import annotations
+
+import importlib
+
+from convert.rules import IDENTITY, LINEAR, Rule, prefixed
+from jblip.config import ModelConfig
+
+
+def _tower(name: str, attr: str = "RULES"):
+    return getattr(importlib.import_module(f"convert.tables.{name}"), attr)
+
+
+def hf_rules(config: ModelConfig) -> list[Rule]:
+    qformer = _tower("qformer", "INSTRUCT_RULES" if config.qformer.use_text_input else "BLIP2_RULES")
+    return [
+        *prefixed("vision_model.", "vision/", _tower("vision")),
+        Rule(r"query_tokens", "qformer/query_tokens", IDENTITY),
+        *prefixed("qformer.", "qformer/", qformer),
+        Rule(r"language_projection\.weight", "projection/kernel", LINEAR),
+        Rule(r"language_projection\.bias", "projection/bias", IDENTITY),
+        *prefixed("language_model.", "llm/", _tower(config.family)),
+    ]

@@ -1,0 +1,363 @@
+"""Model configuration: frozen, hashable dataclasses (usable as static jit args).
+
+`from_hf_config(dict)` reads a HF `config.json` of an InstructBLIP / BLIP-2
+checkpoint (old and new hub revisions); `PRESETS` holds every released
+checkpoint's configuration plus tiny ones for tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Union
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _from_dict(cls, d: dict, what: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) for {what}: {unknown}; known fields: {sorted(names)}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_layers: int = 39
+    num_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 224          # the checkpoint's; other input sizes interpolate positions
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    post_layernorm_eps: float = 1e-6  # LAVIS `ln_vision` uses 1e-5
+    hidden_act: str = "gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 2
+    encoder_hidden_size: int = 1408
+    vocab_size: int = 30523
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    use_text_input: bool = True    # InstructBLIP: instruction text enters the Q-Former
+    pad_token_id: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32001
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 2          # LAVIS Vicuna: `</s>` is BOS, EOS and UNK
+    eos_token_id: int = 2
+    pad_token_id: int = 32000
+    family: str = "llama"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 2048
+    d_kv: int = 64
+    d_ff: int = 5120
+    num_layers: int = 24
+    num_decoder_layers: int = 24
+    num_heads: int = 32
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    dense_act_fn: str = "gelu"
+    is_gated_act: bool = True
+    tie_word_embeddings: bool = False  # tied T5 rescales the decoder output by d_model**-0.5
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    family: str = "t5"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+
+@dataclass(frozen=True)
+class OPTConfig:
+    vocab_size: int = 50272
+    hidden_size: int = 2560
+    ffn_dim: int = 10240
+    num_layers: int = 32
+    num_heads: int = 32
+    max_position_embeddings: int = 2048
+    word_embed_proj_dim: int = 2560
+    do_layer_norm_before: bool = True
+    activation_function: str = "relu"
+    layer_norm_eps: float = 1e-5
+    enable_bias: bool = True
+    bos_token_id: int = 2
+    pad_token_id: int = 1
+    eos_token_id: int = 50118      # BLIP-2 stops on "\n"
+    family: str = "opt"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+TextConfig = Union[LlamaConfig, T5Config, OPTConfig]
+TEXT_CONFIGS = {"llama": LlamaConfig, "t5": T5Config, "opt": OPTConfig}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Compute dtypes per tower; params are stored in `param_dtype`."""
+    vision: str = "float32"
+    qformer: str = "float32"
+    text: str = "float32"
+    param_dtype: str = "float32"
+
+    @classmethod
+    def named(cls, name: str) -> "Precision":
+        if name == "float32":
+            return cls()
+        if name == "bfloat16":
+            return cls("bfloat16", "float32", "bfloat16", "bfloat16")
+        raise ConfigError(f"unknown precision {name!r}; use 'float32' or 'bfloat16'")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    text: TextConfig = field(default_factory=LlamaConfig)
+    num_query_tokens: int = 32
+    image_token_index: int | None = None   # None: legacy layout, queries prepended
+    precision: Precision = field(default_factory=Precision)
+    name: str = "custom"
+
+    @property
+    def family(self) -> str:
+        return self.text.family
+
+    @property
+    def model_type(self) -> str:
+        return "instructblip" if self.qformer.use_text_input else "blip2"
+
+    def with_precision(self, precision: Precision | str) -> "ModelConfig":
+        if isinstance(precision, str):
+            precision = Precision.named(precision)
+        return replace(self, precision=precision)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        text = dict(d.pop("text", {}))
+        family = text.get("family", "llama")
+        if family not in TEXT_CONFIGS:
+            raise ConfigError(f"unknown language-model family {family!r}; known: {sorted(TEXT_CONFIGS)}")
+        parts = dict(
+            vision=_from_dict(VisionConfig, d.pop("vision", {}), "vision"),
+            qformer=_from_dict(QFormerConfig, d.pop("qformer", {}), "qformer"),
+            text=_from_dict(TEXT_CONFIGS[family], text, f"text ({family})"),
+            precision=_from_dict(Precision, d.pop("precision", {}), "precision"),
+        )
+        return _from_dict(cls, {**d, **parts}, "model")
+
+
+# --------------------------------------------------------------------------- HF config.json
+
+def _pick(src: dict, mapping: dict[str, str], defaults: Any) -> dict:
+    """Take jblip field <- HF field for the HF fields that are present."""
+    out = {}
+    for ours, theirs in mapping.items():
+        if theirs in src and src[theirs] is not None:
+            out[ours] = src[theirs]
+    return out
+
+
+_VISION_KEYS = dict(hidden_size="hidden_size", intermediate_size="intermediate_size",
+                    num_layers="num_hidden_layers", num_heads="num_attention_heads",
+                    patch_size="patch_size", image_size="image_size", num_channels="num_channels",
+                    layer_norm_eps="layer_norm_eps", hidden_act="hidden_act")
+_QFORMER_KEYS = dict(hidden_size="hidden_size", num_layers="num_hidden_layers",
+                     num_heads="num_attention_heads", intermediate_size="intermediate_size",
+                     cross_attention_frequency="cross_attention_frequency",
+                     encoder_hidden_size="encoder_hidden_size", vocab_size="vocab_size",
+                     max_position_embeddings="max_position_embeddings",
+                     layer_norm_eps="layer_norm_eps", hidden_act="hidden_act",
+                     use_text_input="use_qformer_text_input", pad_token_id="pad_token_id")
+_LLAMA_KEYS = dict(vocab_size="vocab_size", hidden_size="hidden_size",
+                   intermediate_size="intermediate_size", num_layers="num_hidden_layers",
+                   num_heads="num_attention_heads", num_kv_heads="num_key_value_heads",
+                   rms_norm_eps="rms_norm_eps", rope_theta="rope_theta",
+                   max_position_embeddings="max_position_embeddings", hidden_act="hidden_act",
+                   tie_word_embeddings="tie_word_embeddings")
+_T5_KEYS = dict(vocab_size="vocab_size", d_model="d_model", d_kv="d_kv", d_ff="d_ff",
+                num_layers="num_layers", num_decoder_layers="num_decoder_layers", num_heads="num_heads",
+                relative_attention_num_buckets="relative_attention_num_buckets",
+                relative_attention_max_distance="relative_attention_max_distance",
+                layer_norm_epsilon="layer_norm_epsilon", dense_act_fn="dense_act_fn",
+                is_gated_act="is_gated_act", tie_word_embeddings="tie_word_embeddings",
+                pad_token_id="pad_token_id", eos_token_id="eos_token_id",
+                decoder_start_token_id="decoder_start_token_id")
+_OPT_KEYS = dict(vocab_size="vocab_size", hidden_size="hidden_size", ffn_dim="ffn_dim",
+                 num_layers="num_hidden_layers", num_heads="num_attention_heads",
+                 max_position_embeddings="max_position_embeddings",
+                 word_embed_proj_dim="word_embed_proj_dim", do_layer_norm_before="do_layer_norm_before",
+                 activation_function="activation_function", enable_bias="enable_bias",
+                 bos_token_id="bos_token_id", pad_token_id="pad_token_id", eos_token_id="eos_token_id")
+
+
+def _text_family(text: dict) -> str:
+    model_type = str(text.get("model_type", "")).lower()
+    archs = " ".join(text.get("architectures") or []).lower()
+    for family in ("llama", "t5", "opt"):
+        if model_type == family or family in archs:
+            return family
+    if model_type in ("mistral", "vicuna"):
+        return "llama"
+    raise ConfigError(f"unknown language-model family in text_config: model_type={model_type!r}, "
+                      f"architectures={text.get('architectures')!r}; jblip supports llama, t5, opt")
+
+
+def _t5_activation(text: dict) -> tuple[str, bool]:
+    act = text.get("dense_act_fn")
+    ffp = text.get("feed_forward_proj", "gated-gelu")
+    gated = ffp.startswith("gated-")
+    if act is None:  # HF: "gated-gelu" alone means the tanh approximation
+        act = ffp.split("-")[-1]
+        act = "gelu_new" if act == "gelu" and gated else act
+    return act, text.get("is_gated_act", gated)
+
+
+def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> ModelConfig:
+    """Build a ModelConfig from a HF InstructBLIP/BLIP-2 config (dict, file or directory)."""
+    if not isinstance(cfg, dict):
+        path = os.fspath(cfg)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise ConfigError(f"no config.json at {path}")
+        with open(path) as f:
+            cfg = json.load(f)
+    model_type = str(cfg.get("model_type", "")).lower()
+    if model_type not in ("instructblip", "blip-2", "blip_2", "blip2"):
+        raise ConfigError(f"unknown model family {model_type!r}: expected an InstructBLIP or BLIP-2 config.json")
+    instruct = model_type == "instructblip"
+    vcfg, qcfg, tcfg = (cfg.get(k) or {} for k in ("vision_config", "qformer_config", "text_config"))
+
+    vision = VisionConfig(**_pick(vcfg, _VISION_KEYS, None))
+    vision = replace(vision, post_layernorm_eps=vision.layer_norm_eps)
+    q = _pick(qcfg, _QFORMER_KEYS, None)
+    q.setdefault("use_text_input", instruct)
+    qformer = QFormerConfig(**q)
+
+    family = _text_family(tcfg)
+    if family == "llama":
+        t = _pick(tcfg, _LLAMA_KEYS, None)
+        text = LlamaConfig(**t)
+        if "num_key_value_heads" not in tcfg:
+            text = replace(text, num_kv_heads=text.num_heads)
+    elif family == "t5":
+        t = _pick(tcfg, _T5_KEYS, None)
+        t["dense_act_fn"], t["is_gated_act"] = _t5_activation(tcfg)
+        if "tie_word_embeddings" not in tcfg:  # the T5 default is tied
+            t["tie_word_embeddings"] = True
+        text = T5Config(**t)
+    else:
+        t = _pick(tcfg, _OPT_KEYS, None)
+        text = OPTConfig(**t)
+        if "word_embed_proj_dim" not in tcfg:
+            text = replace(text, word_embed_proj_dim=text.hidden_size)
+
+    image_token = cfg.get("image_token_index", cfg.get("image_token_id"))
+    return ModelConfig(vision=vision, qformer=qformer, text=text,
+                       num_query_tokens=cfg.get("num_query_tokens", 32),
+                       image_token_index=image_token, name=name)
+
+
+# --------------------------------------------------------------------------- presets
+
+_VIT_364 = VisionConfig(image_size=364)
+_BLIP2_QFORMER = QFormerConfig(use_text_input=False)
+_VICUNA_7B = LlamaConfig()
+_VICUNA_13B = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40)
+_T5_XL = T5Config()
+_T5_XXL = T5Config(d_model=4096, d_ff=10240, num_heads=64)
+_OPT_27 = OPTConfig()
+_OPT_67 = OPTConfig(hidden_size=4096, ffn_dim=16384, word_embed_proj_dim=4096)
+
+
+def _preset(name, text, qformer=QFormerConfig(), vision=VisionConfig(), image_token=None):
+    return ModelConfig(vision=vision, qformer=qformer, text=text, image_token_index=image_token, name=name)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "instructblip-vicuna-7b": _preset("instructblip-vicuna-7b", _VICUNA_7B),
+    "instructblip-vicuna-7b-hub": _preset("instructblip-vicuna-7b-hub", replace(_VICUNA_7B, vocab_size=32064), image_token=32001),
+    "instructblip-vicuna-13b": _preset("instructblip-vicuna-13b", _VICUNA_13B),
+    "instructblip-vicuna-13b-hub": _preset("instructblip-vicuna-13b-hub", replace(_VICUNA_13B, vocab_size=32064), image_token=32001),
+    "instructblip-flan-t5-xl": _preset("instructblip-flan-t5-xl", _T5_XL),
+    "instructblip-flan-t5-xxl": _preset("instructblip-flan-t5-xxl", _T5_XXL),
+    "blip2-opt-2.7b": _preset("blip2-opt-2.7b", _OPT_27, _BLIP2_QFORMER),
+    "blip2-opt-6.7b": _preset("blip2-opt-6.7b", _OPT_67, _BLIP2_QFORMER),
+    "blip2-opt-2.7b-coco": _preset("blip2-opt-2.7b-coco", _OPT_27, _BLIP2_QFORMER, _VIT_364),
+    "blip2-opt-6.7b-coco": _preset("blip2-opt-6.7b-coco", _OPT_67, _BLIP2_QFORMER, _VIT_364),
+    "blip2-flan-t5-xl": _preset("blip2-flan-t5-xl", _T5_XL, _BLIP2_QFORMER),
+    "blip2-flan-t5-xl-coco": _preset("blip2-flan-t5-xl-coco", _T5_XL, _BLIP2_QFORMER, _VIT_364),
+    "blip2-flan-t5-xxl": _preset("blip2-flan-t5-xxl", _T5_XXL, _BLIP2_QFORMER),
+}
+
+# Tiny shapes for tests: odd widths on purpose (not powers of two).
+TINY_VISION = VisionConfig(hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
+                           patch_size=4, image_size=28)
+TINY_QFORMER = QFormerConfig(hidden_size=40, num_layers=2, num_heads=4, intermediate_size=72,
+                             encoder_hidden_size=48, vocab_size=99, max_position_embeddings=64)
+TINY_LLAMA = LlamaConfig(vocab_size=131, hidden_size=56, intermediate_size=96, num_layers=2,
+                         num_heads=4, num_kv_heads=4, max_position_embeddings=128, pad_token_id=0)
+PRESETS["tiny-instructblip-vicuna"] = ModelConfig(TINY_VISION, TINY_QFORMER, TINY_LLAMA,
+                                                  num_query_tokens=6, name="tiny-instructblip-vicuna")
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None

@@ -1,0 +1,129 @@
+"""The composite model: pixels -> ViT -> Q-Former -> projection -> language model.
+
+One Linen module serves every family (InstructBLIP / BLIP-2 with LLaMA, OPT or
+Flan-T5); the family comes from `config.text.family`. Params tree:
+`{"vision", "qformer" (incl. query_tokens), "projection", "llm"}`.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jblip.config import ModelConfig
+from jblip.layers import Linear
+from jblip.qformer import QFormer
+from jblip.vision import VisionTransformer
+
+
+def language_model_class(family: str):
+    if family == "llama":
+        from jblip.llama import LlamaModel
+        return LlamaModel
+    if family == "opt":
+        from jblip.opt import OPTModel
+        return OPTModel
+    if family == "t5":
+        from jblip.t5 import T5Model
+        return T5Model
+    raise ValueError(f"unknown language-model family {family!r}; jblip supports llama, opt, t5")
+
+
+def positions_from_mask(mask):
+    """Position ids for left-padded rows: first real token at 0 (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def scatter_queries(embeds, queries, is_placeholder):
+    """Replace the placeholder rows of each sequence, in order, by that row's queries."""
+    index = jnp.clip(jnp.cumsum(is_placeholder.astype(jnp.int32), axis=-1) - 1, 0, queries.shape[1] - 1)
+    gathered = jnp.take_along_axis(queries, index[..., None], axis=1)
+    return jnp.where(is_placeholder[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+class BlipModel(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        c, p = self.config, self.config.precision
+        param_dtype = jnp.dtype(p.param_dtype)
+        self.vision = VisionTransformer(c.vision, dtype=jnp.dtype(p.vision), param_dtype=param_dtype)
+        self.qformer = QFormer(c.qformer, c.num_query_tokens, dtype=jnp.dtype(p.qformer), param_dtype=param_dtype)
+        self.projection = Linear((c.qformer.hidden_size,), (c.text.hidden_size,), ("qf_embed", "embed"),
+                                 use_bias=True, dtype=jnp.dtype(p.qformer), param_dtype=param_dtype)
+        self.llm = language_model_class(c.family)(c.text, dtype=jnp.dtype(p.text), param_dtype=param_dtype)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.config.family == "t5"
+
+    def image_features(self, pixel_values):
+        """Post-layernorm ViT output [B, 1+P, D_v] (pixels NHWC)."""
+        return self.vision(pixel_values)
+
+    def encode_image(self, pixel_values, qformer_ids=None, qformer_mask=None):
+        """Projected query outputs [B, Q, D_llm]: the soft prompt for the language model."""
+        image = self.vision(pixel_values)
+        hidden = self.qformer(image, qformer_ids, qformer_mask)
+        return self.projection(hidden[:, : self.config.num_query_tokens])
+
+    def merge_queries(self, queries, input_ids, attention_mask, prepend_queries: bool):
+        """Language-model input embeddings and mask with the queries in place.
+
+        prepend_queries=False: `input_ids` hold `num_query_tokens` placeholder ids
+        (`config.image_token_index`) per row, replaced in order (current HF layout).
+        prepend_queries=True: the legacy/LAVIS layout, queries in front of the text.
+        """
+        embeds = self.llm.embed(input_ids)
+        if prepend_queries:
+            ones = jnp.ones(queries.shape[:2], attention_mask.dtype)
+            return (jnp.concatenate([queries.astype(embeds.dtype), embeds], axis=1),
+                    jnp.concatenate([ones, attention_mask], axis=1))
+        is_placeholder = input_ids == self.config.image_token_index
+        return scatter_queries(embeds, queries, is_placeholder), attention_mask
+
+    def __call__(self, pixel_values, input_ids, attention_mask, qformer_ids=None, qformer_mask=None,
+                 decoder_input_ids=None, prepend_queries: bool = False):
+        """Full forward; returns float32 logits (decoder logits for T5)."""
+        queries = self.encode_image(pixel_values, qformer_ids, qformer_mask)
+        embeds, mask = self.merge_queries(queries, input_ids, attention_mask, prepend_queries)
+        if self.is_encoder_decoder:
+            return self.llm(embeds, mask, decoder_input_ids)
+        logits, _ = self.llm(embeds, positions_from_mask(mask), mask.astype(bool))
+        return logits
+
+    # Pieces used by the decode loop (vision + Q-Former run once, outside the loop).
+    def embed_tokens(self, ids):
+        return self.llm.embed(ids)
+
+
+def dummy_inputs(config: ModelConfig, batch: int = 1):
+    """Smallest inputs that touch every parameter (for init / eval_shape)."""
+    s = config.vision.image_size
+    inputs = dict(
+        pixel_values=jnp.zeros((batch, s, s, config.vision.num_channels), jnp.float32),
+        input_ids=jnp.ones((batch, 2), jnp.int32),
+        attention_mask=jnp.ones((batch, 2), jnp.int32),
+        prepend_queries=True,
+    )
+    if config.qformer.use_text_input:
+        inputs.update(qformer_ids=jnp.ones((batch, 2), jnp.int32), qformer_mask=jnp.ones((batch, 2), jnp.int32))
+    if config.family == "t5":
+        inputs.update(decoder_input_ids=jnp.zeros((batch, 1), jnp.int32))
+    return inputs
+
+
+def abstract_params(config: ModelConfig, boxed: bool = False):
+    """Param shapes/dtypes without allocating (jax.eval_shape); logical-axis boxes kept if `boxed`."""
+    module = BlipModel(config)
+    tree = jax.eval_shape(lambda: module.init(jax.random.key(0), **dummy_inputs(config)))["params"]
+    return tree if boxed else nn.unbox(tree)
+
+
+def init_params(config: ModelConfig, seed: int = 0):
+    module = BlipModel(config)
+    return nn.unbox(module.init(jax.random.key(seed), **dummy_inputs(config))["params"])
+
+
+def count_params(tree) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))

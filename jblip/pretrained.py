@@ -1,0 +1,143 @@
+"""`load_pretrained`: a HF-format checkpoint directory -> a ready-to-run model object."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jblip.config import ModelConfig, Precision, from_hf_config
+from jblip.model import BlipModel, abstract_params
+
+
+class InputError(ValueError):
+    """Bad user input (shapes, layouts, lengths), with a message that names the problem."""
+
+
+def _as_nhwc(pixel_values, channels: int):
+    x = np.asarray(pixel_values) if not isinstance(pixel_values, jax.Array) else pixel_values
+    if x.ndim != 4:
+        raise InputError(f"pixel_values must be 4-D [batch, height, width, {channels}], got shape {tuple(x.shape)}")
+    if x.shape[-1] == channels:
+        return jnp.asarray(x, jnp.float32)
+    if x.shape[1] == channels:  # PyTorch NCHW layout: unambiguous, so accept it
+        return jnp.asarray(x, jnp.float32).transpose(0, 2, 3, 1)
+    raise InputError(f"pixel_values shape {tuple(x.shape)} has no channel axis of size {channels} "
+                     "(expected NHWC [batch, height, width, channels])")
+
+
+class VisionLanguageModel:
+    """A config, a params pytree and jitted entry points for one InstructBLIP / BLIP-2 model."""
+
+    def __init__(self, config: ModelConfig, params, path: str | None = None):
+        self.config = config
+        self.params = params
+        self.module = BlipModel(config)
+        self.path = path
+
+    def __repr__(self):
+        return f"VisionLanguageModel({self.config.name!r}, family={self.config.family}, type={self.config.model_type})"
+
+    @functools.cached_property
+    def _jitted(self):
+        @functools.partial(jax.jit, static_argnames=("prepend_queries",))
+        def forward(params, prepend_queries, **inputs):
+            return self.module.apply({"params": params}, prepend_queries=prepend_queries, **inputs)
+
+        @jax.jit
+        def encode(params, pixel_values, qformer_ids, qformer_mask):
+            return self.module.apply({"params": params}, pixel_values, qformer_ids, qformer_mask,
+                                     method=BlipModel.encode_image)
+        return forward, encode
+
+    def _qformer_inputs(self, batch, qformer_input_ids, qformer_attention_mask):
+        if not self.config.qformer.use_text_input:
+            if qformer_input_ids is not None:
+                raise InputError("this BLIP-2 model's Q-Former takes no text: pass qformer_input_ids=None")
+            return None, None
+        if qformer_input_ids is None:
+            raise InputError("InstructBLIP needs the instruction for the Q-Former: pass qformer_input_ids")
+        ids = np.asarray(qformer_input_ids)
+        if ids.ndim != 2 or ids.shape[0] != batch:
+            raise InputError(f"qformer_input_ids must be [batch={batch}, length], got {ids.shape}")
+        if ids.shape[1] > self.config.qformer.max_position_embeddings:
+            raise InputError(f"instruction of {ids.shape[1]} Q-Former tokens exceeds the model's "
+                             f"maximum of {self.config.qformer.max_position_embeddings}")
+        mask = np.ones_like(ids) if qformer_attention_mask is None else np.asarray(qformer_attention_mask)
+        return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+
+    def query_layout(self, input_ids) -> bool:
+        """True when the queries must be prepended (no placeholders in input_ids)."""
+        ids = np.asarray(input_ids)
+        token = self.config.image_token_index
+        counts = np.zeros(ids.shape[0], int) if token is None else (ids == token).sum(-1)
+        if np.all(counts == 0):
+            return True
+        q = self.config.num_query_tokens
+        if np.all(counts == q):
+            return False
+        raise InputError(f"each row of input_ids must hold either 0 or exactly {q} image placeholder "
+                         f"tokens (id {token}); got counts {counts.tolist()}")
+
+    def encode_image(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None):
+        """Projected query outputs [B, Q, D_llm]."""
+        pixels = _as_nhwc(pixel_values, self.config.vision.num_channels)
+        q_ids, q_mask = self._qformer_inputs(pixels.shape[0], qformer_input_ids, qformer_attention_mask)
+        return self._jitted[1](self.params, pixels, q_ids, q_mask)
+
+    def forward(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
+                qformer_attention_mask=None, decoder_input_ids=None):
+        """Logits [B, T, V] (float32). Decoder-only: T covers the queries when they are prepended."""
+        pixels = _as_nhwc(pixel_values, self.config.vision.num_channels)
+        batch = pixels.shape[0]
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[0] != batch:
+            raise InputError(f"input_ids must be [batch={batch}, length], got shape {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+        q_ids, q_mask = self._qformer_inputs(batch, qformer_input_ids, qformer_attention_mask)
+        inputs = dict(pixel_values=pixels, input_ids=jnp.asarray(ids, jnp.int32),
+                      attention_mask=jnp.asarray(mask, jnp.int32), qformer_ids=q_ids, qformer_mask=q_mask)
+        if self.config.family == "t5":
+            if decoder_input_ids is None:
+                raise InputError("Flan-T5 models need decoder_input_ids (start with decoder_start_token_id "
+                                 f"{self.config.text.decoder_start_token_id})")
+            inputs["decoder_input_ids"] = jnp.asarray(decoder_input_ids, jnp.int32)
+        return self._jitted[0](self.params, self.query_layout(ids), **inputs)
+
+    __call__ = forward
+
+
+def _resolve_path(path_or_id: str) -> str:
+    if os.path.exists(path_or_id):
+        return os.fspath(path_or_id)
+    if isinstance(path_or_id, str) and path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise FileNotFoundError(f"{path_or_id!r} is not a local path; to fetch it from the HF hub install "
+                                    "huggingface_hub (pip install 'jblip[hub]')") from None
+        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    raise FileNotFoundError(f"no checkpoint at {path_or_id!r}")
+
+
+def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
+                    progress: Callable[[int, int, str], None] | None = None) -> VisionLanguageModel:
+    """Load a HF-format InstructBLIP / BLIP-2 checkpoint directory (or hub id)."""
+    from convert.fuse import FuseQVBias
+    from convert.hf import hf_rules
+    from convert.readers import open_checkpoint
+    from convert.rules import convert_params
+
+    path = _resolve_path(path_or_id)
+    config = from_hf_config(path, name=os.path.basename(os.path.normpath(path)))
+    config = config.with_precision(precision)
+    abstract = abstract_params(config)
+    with open_checkpoint(path) as source:
+        params = convert_params(FuseQVBias(source), hf_rules(config), abstract,
+                                place=lambda _, x: jnp.asarray(x), progress=progress)
+    return VisionLanguageModel(config, params, path)

@@ -1,0 +1,159 @@
+"""Q-Former: a post-LN BERT whose learned query tokens read the image.
+
+Two variants, chosen by `QFormerConfig.use_text_input`:
+- InstructBLIP: the instruction's tokens join the queries in self-attention
+  (text has word + position embeddings; queries have none), and text positions
+  have their own feed-forward block.
+- BLIP-2: queries only; no text embeddings and no text feed-forward params.
+Only query positions cross-attend to the image, on every
+`cross_attention_frequency`-th layer (0, f, 2f, ...).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jblip.config import QFormerConfig
+from jblip.layers import Dtype, Embed, LayerNorm, Linear, activation, attention, key_padding_bias, logical_param
+
+
+class QFormerAttention(nn.Module):
+    """Multi-head attention; K/V come from `kv` (width `kv_width`, axis name `kv_axis`)."""
+    config: QFormerConfig
+    kv_width: int
+    kv_axis: str = "qf_embed"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, kv, bias=None):
+        cfg = self.config
+        d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = Linear((d,), (n, h), ("qf_embed", "qf_heads", "qf_kv"), **kw, name="query")(x)
+        k = Linear((self.kv_width,), (n, h), (self.kv_axis, "qf_heads", "qf_kv"), **kw, name="key")(kv)
+        v = Linear((self.kv_width,), (n, h), (self.kv_axis, "qf_heads", "qf_kv"), **kw, name="value")(kv)
+        out = attention(q, k, v, bias, scale=h ** -0.5, dtype=self.dtype)
+        return Linear((n, h), (d,), ("qf_heads", "qf_kv", "qf_embed"), **kw, name="output")(out)
+
+
+class QFormerFFN(nn.Module):
+    config: QFormerConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = Linear((cfg.hidden_size,), (cfg.intermediate_size,), ("qf_embed", "qf_mlp"), **kw, name="intermediate")(x)
+        y = activation(cfg.hidden_act)(y)
+        return Linear((cfg.intermediate_size,), (cfg.hidden_size,), ("qf_mlp", "qf_embed"), **kw, name="output")(y)
+
+
+class QFormerLayer(nn.Module):
+    """One post-LN block; positions [:num_queries] are queries, the rest text."""
+    config: QFormerConfig
+    has_cross_attention: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, image_embeds, self_bias, num_queries: int):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def norm(name):
+            return LayerNorm(eps=cfg.layer_norm_eps, axis_name="qf_norm", **kw, name=name)
+
+        x = norm("self_attn_norm")(x + QFormerAttention(cfg, cfg.hidden_size, **kw, name="self_attn")(x, x, self_bias))
+        queries, text = x[:, :num_queries], x[:, num_queries:]
+        if self.has_cross_attention:
+            cross = QFormerAttention(cfg, cfg.encoder_hidden_size, "vis_embed", **kw, name="cross_attn")
+            queries = norm("cross_attn_norm")(queries + cross(queries, image_embeds))
+        queries = norm("query_ffn_norm")(queries + QFormerFFN(cfg, **kw, name="query_ffn")(queries))
+        if not cfg.use_text_input:
+            return queries
+        # Runs (at no cost) on zero text positions too, so the params always exist as in HF.
+        text = norm("text_ffn_norm")(text + QFormerFFN(cfg, **kw, name="text_ffn")(text))
+        return jnp.concatenate([queries, text], axis=1)
+
+
+class QFormerEmbeddings(nn.Module):
+    """LayerNorm(concat(queries, word_emb(text) + pos_emb(0..L-1))); queries get no positions."""
+    config: QFormerConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, queries, text_ids):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        words = Embed(cfg.vocab_size, cfg.hidden_size, ("qf_vocab", "qf_embed"), **kw, name="word_embeddings")
+        positions = Embed(cfg.max_position_embeddings, cfg.hidden_size, ("qf_pos", "qf_embed"), **kw,
+                          name="position_embeddings")
+        text = words(text_ids) + positions(jnp.arange(text_ids.shape[1]))[None]
+        x = jnp.concatenate([queries, text.astype(queries.dtype)], axis=1)
+        return LayerNorm(eps=cfg.layer_norm_eps, axis_name="qf_norm", **kw, name="layernorm")(x)
+
+
+class QFormer(nn.Module):
+    """image_embeds [B, S, K], text_ids / text_mask [B, L] (or None) -> hidden [B, Q + L, D].
+
+    Owns the learned `query_tokens` (Q, D). The first Q outputs are the query
+    outputs used downstream. `text_mask` marks valid text tokens (1) and pads (0);
+    queries always attend and are always attended to. BLIP-2 configs
+    (`use_text_input=False`) take no text.
+    """
+    config: QFormerConfig
+    num_query_tokens: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, image_embeds, text_ids=None, text_mask=None):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self._check_inputs(image_embeds, text_ids, text_mask)
+        b, nq = image_embeds.shape[0], self.num_query_tokens
+        queries = logical_param(self, "query_tokens", nn.initializers.normal(0.02),
+                                (nq, cfg.hidden_size), ("qf_queries", "qf_embed"), self.param_dtype)
+        queries = jnp.broadcast_to(queries.astype(self.dtype), (b, nq, cfg.hidden_size))
+        image_embeds = image_embeds.astype(self.dtype)
+
+        if cfg.use_text_input:
+            if text_ids is None:  # queries only; zero text positions keep the text params in use
+                text_ids = jnp.zeros((b, 0), jnp.int32)
+            x = QFormerEmbeddings(cfg, **kw, name="embeddings")(queries, text_ids)
+        else:
+            x = LayerNorm(eps=cfg.layer_norm_eps, axis_name="qf_norm", **kw, name="layernorm")(queries)
+
+        self_bias = None
+        if text_mask is not None:
+            mask = jnp.concatenate([jnp.ones((b, nq), bool), text_mask.astype(bool)], axis=1)
+            self_bias = key_padding_bias(mask)
+
+        for i in range(cfg.num_layers):
+            layer = QFormerLayer(cfg, has_cross_attention=i % cfg.cross_attention_frequency == 0,
+                                 **kw, name=f"layers_{i}")
+            x = layer(x, image_embeds, self_bias, nq)
+        return x
+
+    def _check_inputs(self, image_embeds, text_ids, text_mask):
+        cfg = self.config
+        if image_embeds.ndim != 3 or image_embeds.shape[-1] != cfg.encoder_hidden_size:
+            raise ValueError(f"image_embeds must be [batch, tokens, {cfg.encoder_hidden_size}]; "
+                             f"got shape {tuple(image_embeds.shape)}")
+        if text_ids is None:
+            if text_mask is not None:
+                raise ValueError("text_mask was given without text_ids")
+            return
+        if not cfg.use_text_input:
+            raise ValueError("this Q-Former (BLIP-2, use_text_input=False) takes no text; pass text_ids=None")
+        if text_ids.ndim != 2 or text_ids.shape[0] != image_embeds.shape[0]:
+            raise ValueError(f"text_ids must be [batch={image_embeds.shape[0]}, length]; got {tuple(text_ids.shape)}")
+        if text_ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(f"instruction of {text_ids.shape[1]} tokens exceeds the Q-Former's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        if text_mask is not None and tuple(text_mask.shape) != tuple(text_ids.shape):
+            raise ValueError(f"text_mask shape {tuple(text_mask.shape)} != text_ids shape {tuple(text_ids.shape)}")
