@@ -8,13 +8,14 @@ exactly their own bytes; the file is never read as a whole.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
 import ml_dtypes
 import numpy as np
 
-from convert.errors import CheckpointError  # noqa: F401  (re-exported: historical import path)
+from convert.errors import CheckpointError  # also importable from here, as before
 from convert.sharded import ShardedSource
 from convert.tensor_source import PositionalFile, SourceBase, bytes_as
 
@@ -49,7 +50,7 @@ def _parse_header(path: str, raw: bytes, size: int) -> tuple[dict, dict]:
                 f"{path}: bad header entry for tensor {key!r}: {e!r} (wants dtype in {sorted(DTYPES)}, "
                 f"shape as a list of ints, data_offsets as [start, end])")
         start, end = e["data_offsets"]
-        nbytes = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(DTYPES[e["dtype"]]).itemsize
+        nbytes = math.prod(e["shape"]) * np.dtype(DTYPES[e["dtype"]]).itemsize
         if start < 0 or end - start != nbytes:
             raise CheckpointError(
                 f"{path}: header lies about tensor {key!r}: data_offsets {start}..{end} span {end - start} bytes "
@@ -80,7 +81,8 @@ class SafetensorsFile(SourceBase):
                 raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes long)")
             (n,) = struct.unpack("<Q", self._file.read(0, 8, "the header length").tobytes())
             if n > min(size - 8, MAX_HEADER_BYTES):
-                hint = " (it looks like a PyTorch zip checkpoint)" if self._file.read(0, 2, "magic").tobytes() == b"PK" else ""
+                is_zip = self._file.read(0, 2, "magic").tobytes() == b"PK"
+                hint = " (it looks like a PyTorch zip checkpoint)" if is_zip else ""
                 raise CheckpointError(
                     f"{self.path}: not a safetensors file{hint}: its first 8 bytes claim a {n}-byte header "
                     f"but the file has {size} bytes (or it is truncated)")

@@ -49,11 +49,15 @@ class ShardedSource(SourceBase):
         if shard is None:
             shard = self._shards[name] = self._open_shard(self._shard_paths[name])
         if key not in shard:
-            raise CheckpointError(f"{self.path}: the index puts {key!r} in shard {name}, but that shard has no such tensor")
+            raise CheckpointError(
+                f"{self.path}: the index puts {key!r} in shard {name}, but that shard has no such tensor")
         return shard
 
     def keys(self):
         return list(self.weight_map)
+
+    def __contains__(self, key):
+        return key in self.weight_map
 
     def shape(self, key):
         return self._shard_of(key).shape(key)

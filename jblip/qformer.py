@@ -66,7 +66,8 @@ class QFormerLayer(nn.Module):
         def norm(name):
             return LayerNorm(eps=cfg.layer_norm_eps, axis_name="qf_norm", **kw, name=name)
 
-        x = norm("self_attn_norm")(x + QFormerAttention(cfg, cfg.hidden_size, **kw, name="self_attn")(x, x, self_bias))
+        self_attn = QFormerAttention(cfg, cfg.hidden_size, **kw, name="self_attn")
+        x = norm("self_attn_norm")(x + self_attn(x, x, self_bias))
         queries, text = x[:, :num_queries], x[:, num_queries:]
         if self.has_cross_attention:
             cross = QFormerAttention(cfg, cfg.encoder_hidden_size, "vis_embed", **kw, name="cross_attn")

@@ -29,16 +29,18 @@ def hf_model(feed_forward_proj, dense_act_fn, tied, seed=0):
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(HFT5Config(**kwargs)).eval()
     model.config._attn_implementation = "eager"
-    with torch.no_grad():  # larger std than HF's init so outputs are far from flat
+    # larger std than HF's init so outputs are far from flat, yet O(1) logits: T5 does not scale q.k,
+    # so bigger q/k weights make softmax amplify float32 rounding past the 1e-5 cache tolerance
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "layer_norm" in name:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
             elif "relative_attention_bias" in name:
                 p.copy_(torch.randn_like(p))
             else:
-                p.copy_(torch.randn_like(p) * (1.0 if "shared" in name else p.shape[-1] ** -0.5 * 1.5))
+                p.copy_(torch.randn_like(p) * (1.0 if "shared" in name else p.shape[-1] ** -0.5))
     if not tied:  # transformers 5 ties lm_head to shared regardless of the flag: give it its own matrix
-        model.lm_head.weight = torch.nn.Parameter(torch.randn(TINY["vocab_size"], TINY["d_model"]))
+        model.lm_head.weight = torch.nn.Parameter(0.3 * torch.randn(TINY["vocab_size"], TINY["d_model"]))
     return model
 
 
@@ -95,7 +97,7 @@ def test_matches_hf(variant):
     print(f"{variant}: encoder max|d|={d_enc:.2e} (scale {np.abs(ref_enc).max():.1f}), "
           f"logits max|d|={d_logits:.2e} (scale {np.abs(ref_logits).max():.1f})")
     assert logits.dtype == jnp.float32
-    assert np.abs(ref_logits).max() > 1.0  # not flat
+    assert ref_logits.std() > 1.0  # not flat
     assert d_enc <= 1e-4 and d_logits <= 1e-4
 
 

@@ -13,7 +13,7 @@ TOL = 1e-4
 CASES = {
     # seed, text overrides, vision overrides, run image size
     "base": (0, {}, {}, 28),
-    "odd_widths": (1, dict(hidden_size=60, intermediate_size=84, num_attention_heads=5), dict(hidden_size=36, num_attention_heads=3, intermediate_size=52), 28),
+    "odd_widths": (1, dict(hidden_size=60, intermediate_size=84, num_attention_heads=5, num_key_value_heads=5), dict(hidden_size=36, num_attention_heads=3, intermediate_size=52), 28),
     "other_image_size": (2, {}, dict(image_size=20), 20),
 }
 
