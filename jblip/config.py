@@ -292,6 +292,9 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
     family = _text_family(tcfg)
     if family == "llama":
         t = _pick(tcfg, _LLAMA_KEYS, None)
+        # BOS/EOS stay at LAVIS' `</s>`=2 (the HF Vicuna text configs carry LLaMA-1's 0/1, pitfall P8)
+        pad = tcfg.get("pad_token_id")
+        t["pad_token_id"] = pad if isinstance(pad, int) and 0 <= pad < t.get("vocab_size", 32001) else 0
         text = LlamaConfig(**t)
         if "num_key_value_heads" not in tcfg:
             text = replace(text, num_kv_heads=text.num_heads)

@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jblip.config import ModelConfig, Precision, from_hf_config
+from jblip.generate import GenerateOutput
+from jblip.generate import generate as generate_tokens
 from jblip.model import BlipModel, abstract_params
+from jblip.sampling import SamplerConfig
 
 
 class InputError(ValueError):
@@ -27,6 +30,11 @@ def _as_nhwc(pixel_values, channels: int):
         return jnp.asarray(x, jnp.float32).transpose(0, 2, 3, 1)
     raise InputError(f"pixel_values shape {tuple(x.shape)} has no channel axis of size {channels} "
                      "(expected NHWC [batch, height, width, channels])")
+
+
+def check_token_ids(ids, vocab: int, what: str):
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise InputError(f"{what} holds ids outside the vocabulary [0, {vocab}): min {ids.min()}, max {ids.max()}")
 
 
 class VisionLanguageModel:
@@ -66,6 +74,7 @@ class VisionLanguageModel:
         if ids.shape[1] > self.config.qformer.max_position_embeddings:
             raise InputError(f"instruction of {ids.shape[1]} Q-Former tokens exceeds the model's "
                              f"maximum of {self.config.qformer.max_position_embeddings}")
+        check_token_ids(ids, self.config.qformer.vocab_size, "qformer_input_ids")
         mask = np.ones_like(ids) if qformer_attention_mask is None else np.asarray(qformer_attention_mask)
         return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
 
@@ -99,6 +108,7 @@ class VisionLanguageModel:
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != ids.shape:
             raise InputError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+        check_token_ids(ids, self.config.text.vocab_size, "input_ids")
         q_ids, q_mask = self._qformer_inputs(batch, qformer_input_ids, qformer_attention_mask)
         inputs = dict(pixel_values=pixels, input_ids=jnp.asarray(ids, jnp.int32),
                       attention_mask=jnp.asarray(mask, jnp.int32), qformer_ids=q_ids, qformer_mask=q_mask)
@@ -110,6 +120,69 @@ class VisionLanguageModel:
         return self._jitted[0](self.params, self.query_layout(ids), **inputs)
 
     __call__ = forward
+
+    # ------------------------------------------------------------------ generation
+    def default_sampler(self) -> SamplerConfig:
+        text = self.config.text
+        pad = max(getattr(text, "pad_token_id", 0), 0)
+        return SamplerConfig(eos_token_ids=(text.eos_token_id,), pad_token_id=pad)
+
+    @functools.cached_property
+    def _generate_jit(self):
+        def run(params, cfg, prepend_queries, rng, **inputs):
+            return generate_tokens(self.module, params, cfg, rng=rng, prepend_queries=prepend_queries, **inputs)
+        return jax.jit(run, static_argnames=("cfg", "prepend_queries"))
+
+    def generate(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
+                 qformer_attention_mask=None, sampler: SamplerConfig | None = None, seed: int = 0,
+                 **options) -> GenerateOutput:
+        """Decode new tokens for a batch of images + prompts (HF `generate` semantics).
+
+        `sampler` (or keyword options such as max_new_tokens=, strategy="beam", num_beams=)
+        controls decoding. Returns token ids of the new tokens only, [B * num_return_sequences,
+        max_new_tokens], pad after EOS, with per-row lengths.
+        """
+        cfg = (sampler or self.default_sampler()).replace(**options) if options else (sampler or self.default_sampler())
+        pixels = _as_nhwc(pixel_values, self.config.vision.num_channels)
+        batch = pixels.shape[0]
+        ids = np.asarray(input_ids)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if ids.ndim != 2 or ids.shape[0] != batch or mask.shape != ids.shape:
+            raise InputError(f"input_ids/attention_mask must both be [batch={batch}, length]; got {ids.shape}, {mask.shape}")
+        check_token_ids(ids, self.config.text.vocab_size, "input_ids")
+        prepend = self.query_layout(ids)
+        ids, mask = pad_to_bucket(ids, mask, self.config, cfg)
+        q_ids, q_mask = self._qformer_inputs(batch, qformer_input_ids, qformer_attention_mask)
+        return self._generate_jit(self.params, cfg, prepend, jax.random.key(seed), pixel_values=pixels,
+                                  input_ids=jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask, jnp.int32),
+                                  qformer_ids=q_ids, qformer_mask=q_mask)
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Prompt lengths are padded to these buckets so new lengths rarely recompile."""
+    b = minimum
+    while b < n:
+        b = b * 2 if b < 256 else b + 256
+    return b
+
+
+def pad_to_bucket(ids, mask, config: ModelConfig, cfg: SamplerConfig):
+    """Left-pad decoder-only prompts (right-pad T5 encoder inputs) to the bucket length."""
+    n = ids.shape[1]
+    limit = getattr(config.text, "max_position_embeddings", None)
+    if limit is not None and config.family != "t5":
+        used = n + (config.num_query_tokens if config.image_token_index is None or
+                    not np.any(ids == config.image_token_index) else 0)
+        if used + cfg.max_new_tokens > limit:
+            raise InputError(f"prompt of {used} positions + max_new_tokens={cfg.max_new_tokens} exceeds the "
+                             f"language model's {limit} positions; shorten the prompt or max_new_tokens")
+    extra = bucket_length(n) - n
+    if extra == 0:
+        return ids, mask
+    vocab = config.text.vocab_size
+    pad_id = cfg.pad_token_id if 0 <= cfg.pad_token_id < vocab else 0  # masked anyway; must be a valid row
+    side = ((0, 0), (0, extra)) if config.family == "t5" else ((0, 0), (extra, 0))
+    return np.pad(ids, side, constant_values=pad_id), np.pad(mask, side, constant_values=0)
 
 
 def _resolve_path(path_or_id: str) -> str:

@@ -76,3 +76,29 @@ def positions_from_mask(mask):
 def max_diff(a, b, where=None):
     d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
     return float(d[where].max() if where is not None else d.max())
+
+
+TINY_OPT = dict(model_type="opt", vocab_size=131, hidden_size=40, ffn_dim=72, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=100, word_embed_proj_dim=40,
+                do_layer_norm_before=True, bos_token_id=2, pad_token_id=1, eos_token_id=50, tie_word_embeddings=True)
+TINY_T5 = dict(model_type="t5", vocab_size=131, d_model=40, d_kv=12, d_ff=72, num_layers=2, num_decoder_layers=2,
+               num_heads=3, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+               dense_act_fn="gelu", feed_forward_proj="gated-gelu", is_gated_act=True, tie_word_embeddings=False,
+               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def tiny_blip2(path, seed=0, text=None, vision=None, qformer=None, image_token=IMAGE_TOKEN, **kw):
+    """A Blip2ForConditionalGeneration (OPT or T5 text config) with tiny towers, saved to `path`."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    torch.manual_seed(seed)
+    q = {k: v for k, v in {**TINY_QFORMER, **(qformer or {})}.items()}
+    config = Blip2Config(vision_config={**TINY_VISION, **(vision or {})}, qformer_config=q,
+                         text_config=dict(text or TINY_OPT), num_query_tokens=NUM_QUERIES,
+                         image_token_index=image_token, **kw)
+    model = randomize(Blip2ForConditionalGeneration(config).eval(), seed)
+    model.save_pretrained(path)
+    return model
+
+
+def tiny_instructblip_t5(path, seed=0, **kw):
+    return tiny_instructblip(path, seed=seed, text=TINY_T5, **kw)
