@@ -11,6 +11,11 @@ def _tower(name: str, attr: str = "RULES"):
     return getattr(importlib.import_module(f"convert.tables.{name}"), attr)
 
 
+def _llm_rules(config: ModelConfig):
+    module = importlib.import_module(f"convert.tables.{config.family}")
+    return module.rules_for(config.text) if hasattr(module, "rules_for") else module.RULES
+
+
 def hf_rules(config: ModelConfig) -> list[Rule]:
     qformer = _tower("qformer", "INSTRUCT_RULES" if config.qformer.use_text_input else "BLIP2_RULES")
     return [
@@ -19,5 +24,5 @@ def hf_rules(config: ModelConfig) -> list[Rule]:
         *prefixed("qformer.", "qformer/", qformer),
         Rule(r"language_projection\.weight", "projection/kernel", LINEAR),
         Rule(r"language_projection\.bias", "projection/bias", IDENTITY),
-        *prefixed("language_model.", "llm/", _tower(config.family)),
+        *prefixed("language_model.", "llm/", _llm_rules(config)),
     ]

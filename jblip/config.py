@@ -84,6 +84,13 @@ class LlamaConfig:
     eos_token_id: int = 2
     pad_token_id: int = 32000
     family: str = "llama"
+    padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
+
+    @property
+    def vocab_rows(self) -> int:
+        """Embedding/head rows: vocab_size, or more when padded to divide the mesh (zero rows,
+        their logits sliced off by the model)."""
+        return self.padded_vocab_size or self.vocab_size
 
     @property
     def head_dim(self) -> int:
@@ -104,15 +111,27 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     dense_act_fn: str = "gelu"
     is_gated_act: bool = True
-    tie_word_embeddings: bool = False  # tied T5 rescales the decoder output by d_model**-0.5
+    tie_word_embeddings: bool = False  # the head is the shared embedding (no lm_head param)
+    scale_decoder_outputs: bool | None = None  # d_model**-0.5 before the head; None: = tie_word_embeddings
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
     family: str = "t5"
+    padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
+
+    @property
+    def vocab_rows(self) -> int:
+        """Embedding/head rows: vocab_size, or more when padded to divide the mesh (zero rows,
+        their logits sliced off by the model)."""
+        return self.padded_vocab_size or self.vocab_size
 
     @property
     def hidden_size(self) -> int:
         return self.d_model
+
+    @property
+    def rescales_output(self) -> bool:
+        return self.tie_word_embeddings if self.scale_decoder_outputs is None else self.scale_decoder_outputs
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,13 @@ class OPTConfig:
     pad_token_id: int = 1
     eos_token_id: int = 50118      # BLIP-2 stops on "\n"
     family: str = "opt"
+    padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
+
+    @property
+    def vocab_rows(self) -> int:
+        """Embedding/head rows: vocab_size, or more when padded to divide the mesh (zero rows,
+        their logits sliced off by the model)."""
+        return self.padded_vocab_size or self.vocab_size
 
     @property
     def head_dim(self) -> int:
@@ -235,6 +261,7 @@ _T5_KEYS = dict(vocab_size="vocab_size", d_model="d_model", d_kv="d_kv", d_ff="d
                 relative_attention_max_distance="relative_attention_max_distance",
                 layer_norm_epsilon="layer_norm_epsilon", dense_act_fn="dense_act_fn",
                 is_gated_act="is_gated_act", tie_word_embeddings="tie_word_embeddings",
+                scale_decoder_outputs="scale_decoder_outputs",
                 pad_token_id="pad_token_id", eos_token_id="eos_token_id",
                 decoder_start_token_id="decoder_start_token_id")
 _OPT_KEYS = dict(vocab_size="vocab_size", hidden_size="hidden_size", ffn_dim="ffn_dim",
@@ -301,8 +328,12 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
     elif family == "t5":
         t = _pick(tcfg, _T5_KEYS, None)
         t["dense_act_fn"], t["is_gated_act"] = _t5_activation(tcfg)
-        if "tie_word_embeddings" not in tcfg:  # the T5 default is tied
-            t["tie_word_embeddings"] = True
+        # T5 defaults to a tied head; transformers 5.x writes tie_word_embeddings=true for every T5
+        # and keeps the rescale decision in scale_decoder_outputs (pitfall P12). Whether a separate
+        # lm_head exists is settled by the checkpoint itself at load time (see untie_if_present).
+        t.setdefault("tie_word_embeddings", True)
+        if "scale_decoder_outputs" not in tcfg:
+            t["scale_decoder_outputs"] = t["tie_word_embeddings"]
         text = T5Config(**t)
     else:
         t = _pick(tcfg, _OPT_KEYS, None)
@@ -314,6 +345,15 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
     return ModelConfig(vision=vision, qformer=qformer, text=text,
                        num_query_tokens=cfg.get("num_query_tokens", 32),
                        image_token_index=image_token, name=name)
+
+
+def untie_if_present(config: ModelConfig, checkpoint_keys) -> ModelConfig:
+    """A T5 checkpoint that carries its own `lm_head.weight` is untied, whatever its config says."""
+    text = config.text
+    if isinstance(text, T5Config) and text.tie_word_embeddings and "language_model.lm_head.weight" in checkpoint_keys:
+        return replace(config, text=replace(text, tie_word_embeddings=False,
+                                            scale_decoder_outputs=text.rescales_output))
+    return config
 
 
 # --------------------------------------------------------------------------- presets

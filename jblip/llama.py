@@ -111,11 +111,11 @@ class LlamaModel(nn.Module):
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), **kw)
+        self.embed_tokens = Embed(c.vocab_rows, c.hidden_size, ("vocab", "embed"), **kw)
         self.layers = [LlamaBlock(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
         self.norm = LayerNorm(eps=c.rms_norm_eps, rms=True, use_bias=False, **kw)
         if not c.tie_word_embeddings:
-            self.lm_head = Linear((c.hidden_size,), (c.vocab_size,), ("embed", "vocab"), use_bias=False, **kw)
+            self.lm_head = Linear((c.hidden_size,), (c.vocab_rows,), ("embed", "vocab"), use_bias=False, **kw)
 
     def embed(self, ids):
         return self.embed_tokens(ids)
@@ -139,4 +139,5 @@ class LlamaModel(nn.Module):
             new_cache.append(layer_cache)
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if c.tie_word_embeddings else self.lm_head(x)
+        logits = logits[..., : c.vocab_size]  # drop rows padded for sharding (no-op otherwise)
         return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))

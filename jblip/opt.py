@@ -114,7 +114,7 @@ class OPTModel(nn.Module):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if c.hidden_size % c.num_heads:
             raise ValueError(f"OPT hidden_size {c.hidden_size} is not divisible by num_heads {c.num_heads}")
-        self.embed_tokens = Embed(c.vocab_size, c.word_embed_proj_dim, ("vocab", "embed"), **kw)
+        self.embed_tokens = Embed(c.vocab_rows, c.word_embed_proj_dim, ("vocab", "embed"), **kw)
         self.embed_positions = Embed(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size,
                                      ("pos", "embed"), **kw)
         if c.word_embed_proj_dim != c.hidden_size:
@@ -160,6 +160,7 @@ class OPTModel(nn.Module):
         # Tied head; accumulate and return in fp32 whatever the compute dtype.
         table = self.embed_tokens.embedding.astype(self.dtype)
         logits = jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
+        logits = logits[..., : c.vocab_size]  # drop rows padded for sharding (no-op otherwise)
         return logits, (None if cache is None else tuple(new_cache))
 
     def _check_inputs(self, embeds, positions, key_mask, cache):

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jblip.config import ModelConfig, Precision, from_hf_config
+from jblip import sharding
+from jblip.config import ModelConfig, Precision, from_hf_config, untie_if_present
 from jblip.generate import GenerateOutput
 from jblip.generate import generate as generate_tokens
 from jblip.model import BlipModel, abstract_params
@@ -37,29 +38,81 @@ def check_token_ids(ids, vocab: int, what: str):
         raise InputError(f"{what} holds ids outside the vocabulary [0, {vocab}): min {ids.min()}, max {ids.max()}")
 
 
+def _placed(value, target, abstract):
+    """`value` on `target` sharding (zero-padded to the abstract shape); no-op if already there."""
+    if isinstance(value, jax.Array) and value.sharding == target and value.shape == abstract.shape:
+        return value
+    return sharding.place(np.asarray(value).astype(abstract.dtype, copy=False), target, abstract.shape)
+
+
 class VisionLanguageModel:
     """A config, a params pytree and jitted entry points for one InstructBLIP / BLIP-2 model."""
 
-    def __init__(self, config: ModelConfig, params, path: str | None = None):
+    def __init__(self, config: ModelConfig, params, path: str | None = None, mesh=None, rules=None):
+        """With a `mesh` (`jblip.sharding.make_mesh`), params live sharded on it per `rules`
+        (default `sharding.LOGICAL_RULES`); params not yet placed are placed here (and the LM
+        vocabulary padded, see `sharding.pad_vocab`). Entry points then run on the mesh."""
+        self.mesh = mesh
+        self.rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
+        self.param_shardings = None
+        if mesh is not None:
+            config = sharding.pad_vocab(config, mesh, self.rules)
+            self.param_shardings = sharding.param_shardings(abstract_params(config, boxed=True), mesh, self.rules)
+            params = jax.tree_util.tree_map(_placed, params, self.param_shardings, abstract_params(config))
         self.config = config
         self.params = params
         self.module = BlipModel(config)
         self.path = path
+        self._entries = {}
 
     def __repr__(self):
         return f"VisionLanguageModel({self.config.name!r}, family={self.config.family}, type={self.config.model_type})"
 
-    @functools.cached_property
-    def _jitted(self):
-        @functools.partial(jax.jit, static_argnames=("prepend_queries",))
-        def forward(params, prepend_queries, **inputs):
-            return self.module.apply({"params": params}, prepend_queries=prepend_queries, **inputs)
+    # ------------------------------------------------------------------ placement on the mesh
+    def batch_sharding(self, batch: int):
+        """Sharding of arrays with the batch on axis 0: split over the mesh's batch axes where
+        the batch divides them, else replicated. None without a mesh."""
+        if self.mesh is None:
+            return None
+        return jax.sharding.NamedSharding(self.mesh, sharding.batch_spec(batch, self.mesh, self.rules))
 
-        @jax.jit
-        def encode(params, pixel_values, qformer_ids, qformer_mask):
-            return self.module.apply({"params": params}, pixel_values, qformer_ids, qformer_mask,
-                                     method=BlipModel.encode_image)
-        return forward, encode
+    def shard_inputs(self, inputs: dict) -> dict:
+        """Host inputs (batch on axis 0; None values kept) -> device arrays, batch-sharded on the
+        mesh when there is one. Every process passes the same global batch."""
+        arrays = [v for v in inputs.values() if v is not None]
+        if self.mesh is None or not arrays:
+            return {k: None if v is None else jnp.asarray(v) for k, v in inputs.items()}
+        target = self.batch_sharding(arrays[0].shape[0])
+
+        def put(v):
+            if v is None or (isinstance(v, jax.Array) and v.sharding == target):
+                return v
+            return sharding.place(np.asarray(v), target)
+        return {k: put(v) for k, v in inputs.items()}
+
+    def sharding_context(self):
+        """Context for tracing jitted calls: activation constraints take effect on the mesh."""
+        return sharding.activation_rules(self.mesh, self.rules)
+
+    def _run(self, kind: str, inputs: dict, prepend_queries: bool = False):
+        """One jitted entry point ("forward" or "encode"); on a mesh with params and batch
+        in/out shardings, under the activation rules."""
+        inputs = self.shard_inputs(inputs)
+        batch = next(v for v in inputs.values() if v is not None).shape[0]
+        out_sharding = self.batch_sharding(batch)
+        key = (kind, prepend_queries, None if out_sharding is None else out_sharding.spec)
+        if key not in self._entries:
+            if kind == "forward":
+                def fn(params, inputs):
+                    return self.module.apply({"params": params}, prepend_queries=prepend_queries, **inputs)
+            else:
+                def fn(params, inputs):
+                    return self.module.apply({"params": params}, **inputs, method=BlipModel.encode_image)
+            shardings = {} if self.mesh is None else dict(
+                in_shardings=(self.param_shardings, out_sharding), out_shardings=out_sharding)
+            self._entries[key] = jax.jit(fn, **shardings)
+        with self.sharding_context():
+            return self._entries[key](self.params, inputs)
 
     def _qformer_inputs(self, batch, qformer_input_ids, qformer_attention_mask):
         if not self.config.qformer.use_text_input:
@@ -95,7 +148,7 @@ class VisionLanguageModel:
         """Projected query outputs [B, Q, D_llm]."""
         pixels = _as_nhwc(pixel_values, self.config.vision.num_channels)
         q_ids, q_mask = self._qformer_inputs(pixels.shape[0], qformer_input_ids, qformer_attention_mask)
-        return self._jitted[1](self.params, pixels, q_ids, q_mask)
+        return self._run("encode", dict(pixel_values=pixels, qformer_ids=q_ids, qformer_mask=q_mask))
 
     def forward(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
                 qformer_attention_mask=None, decoder_input_ids=None):
@@ -117,7 +170,7 @@ class VisionLanguageModel:
                 raise InputError("Flan-T5 models need decoder_input_ids (start with decoder_start_token_id "
                                  f"{self.config.text.decoder_start_token_id})")
             inputs["decoder_input_ids"] = jnp.asarray(decoder_input_ids, jnp.int32)
-        return self._jitted[0](self.params, self.query_layout(ids), **inputs)
+        return self._run("forward", inputs, self.query_layout(ids))
 
     __call__ = forward
 
@@ -153,9 +206,11 @@ class VisionLanguageModel:
         prepend = self.query_layout(ids)
         ids, mask = pad_to_bucket(ids, mask, self.config, cfg)
         q_ids, q_mask = self._qformer_inputs(batch, qformer_input_ids, qformer_attention_mask)
-        return self._generate_jit(self.params, cfg, prepend, jax.random.key(seed), pixel_values=pixels,
-                                  input_ids=jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask, jnp.int32),
-                                  qformer_ids=q_ids, qformer_mask=q_mask)
+        inputs = self.shard_inputs(dict(pixel_values=pixels, input_ids=np.asarray(ids, np.int32),
+                                        attention_mask=np.asarray(mask, np.int32), qformer_ids=q_ids,
+                                        qformer_mask=q_mask))
+        with self.sharding_context():
+            return self._generate_jit(self.params, cfg, prepend, jax.random.key(seed), **inputs)
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -199,18 +254,33 @@ def _resolve_path(path_or_id: str) -> str:
 
 
 def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
-                    progress: Callable[[int, int, str], None] | None = None) -> VisionLanguageModel:
-    """Load a HF-format InstructBLIP / BLIP-2 checkpoint directory (or hub id)."""
+                    progress: Callable[[int, int, str], None] | None = None,
+                    mesh=None, rules=None) -> VisionLanguageModel:
+    """Load a HF-format InstructBLIP / BLIP-2 checkpoint directory (or hub id).
+
+    With a `mesh` (`jblip.sharding.make_mesh`), each tensor goes straight from the
+    file into its sharded array as it is read (one host tensor alive at a time;
+    every process keeps only the slices its devices hold); the LM vocabulary is
+    zero-padded to divide its mesh axes (`sharding.pad_vocab`). `rules` defaults
+    to `sharding.LOGICAL_RULES`.
+    """
     from convert.fuse import FuseQVBias
     from convert.hf import hf_rules
     from convert.readers import open_checkpoint
-    from convert.rules import convert_params
+    from convert.rules import convert_params, flatten
 
     path = _resolve_path(path_or_id)
     config = from_hf_config(path, name=os.path.basename(os.path.normpath(path)))
     config = config.with_precision(precision)
-    abstract = abstract_params(config)
     with open_checkpoint(path) as source:
-        params = convert_params(FuseQVBias(source), hf_rules(config), abstract,
-                                place=lambda _, x: jnp.asarray(x), progress=progress)
-    return VisionLanguageModel(config, params, path)
+        config = untie_if_present(config, source.keys())
+        abstract = abstract_params(config)  # the checkpoint's shapes
+        place = lambda _, x: jnp.asarray(x)
+        if mesh is not None:
+            rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
+            config = sharding.pad_vocab(config, mesh, rules)
+            targets = flatten(sharding.param_shardings(abstract_params(config, boxed=True), mesh, rules))
+            shapes = flatten(abstract_params(config))  # padded where the vocab is
+            place = lambda path, x: sharding.place(x, targets[path], shapes[path].shape)
+        params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=place, progress=progress)
+    return VisionLanguageModel(config, params, path, mesh=mesh, rules=rules)

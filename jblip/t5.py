@@ -235,7 +235,7 @@ class LMHead(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        kernel = logical_param(self, "kernel", init_normal(), (c.d_model, c.vocab_size), ("embed", "vocab"),
+        kernel = logical_param(self, "kernel", init_normal(), (c.d_model, c.vocab_rows), ("embed", "vocab"),
                                self.param_dtype)
         return jnp.einsum("BTD,DV->BTV", x.astype(self.dtype), kernel.astype(self.dtype),
                           preferred_element_type=jnp.float32)
@@ -251,7 +251,7 @@ class T5Model(nn.Module):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if jnp.dtype(self.dtype) == jnp.float16:
             raise ValueError("T5 activations overflow float16 (ARCHITECTURE.md P3); use float32 or bfloat16")
-        self.shared = Embed(c.vocab_size, c.d_model, ("vocab", "embed"), **kw)
+        self.shared = Embed(c.vocab_rows, c.d_model, ("vocab", "embed"), **kw)
         self.encoder = T5Encoder(c, **kw)
         self.decoder = T5Decoder(c, **kw)
         if not c.tie_word_embeddings:
@@ -297,15 +297,16 @@ class T5Model(nn.Module):
         elif not (isinstance(cache_index, int) and cache_index == 0):
             raise ValueError("cache_index is only meaningful with a cache; pass cache=None and cache_index=0")
         x, new_cache = self.decoder(self.embed(decoder_ids), cross_kv, enc_mask, cache, cache_index)
-        return self.logits(x), new_cache
+        return self.logits(x)[..., : c.vocab_size], new_cache  # drop rows padded for sharding
 
     def logits(self, x):
         c = self.config
-        if c.tie_word_embeddings:  # original T5: rescale before the shared-embedding head
+        if not c.tie_word_embeddings:
+            return self.lm_head(x)
+        if c.rescales_output:  # original T5: rescale before the shared-embedding head
             x = x * (c.d_model ** -0.5)
-            return jnp.einsum("BTD,VD->BTV", x.astype(self.dtype), self.shared.embedding.astype(self.dtype),
-                              preferred_element_type=jnp.float32)
-        return self.lm_head(x)
+        return jnp.einsum("BTD,VD->BTV", x.astype(self.dtype), self.shared.embedding.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
 
     def __call__(self, embeds, mask, decoder_ids):
         """Full forward (training, tests): logits fp32 [B,T,V]."""
