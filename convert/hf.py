@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from convert.rules import IDENTITY, LINEAR, Rule, prefixed
+from convert.rules import IDENTITY, LINEAR, Rule, leading_ones, prefixed
 from jblip.config import ModelConfig
 
 
@@ -20,7 +20,7 @@ def hf_rules(config: ModelConfig) -> list[Rule]:
     qformer = _tower("qformer", "INSTRUCT_RULES" if config.qformer.use_text_input else "BLIP2_RULES")
     return [
         *prefixed("vision_model.", "vision/", _tower("vision")),
-        Rule(r"query_tokens", "qformer/query_tokens", IDENTITY),
+        Rule(r"query_tokens", "qformer/query_tokens", leading_ones(1)),
         *prefixed("qformer.", "qformer/", qformer),
         Rule(r"language_projection\.weight", "projection/kernel", LINEAR),
         Rule(r"language_projection\.bias", "projection/bias", IDENTITY),

@@ -33,6 +33,13 @@ def _reshape(x, shape):
 
 
 IDENTITY = Transform("identity", _reshape, lambda x: x)
+# Same values, but the torch tensor is 1-D: per-head biases (N, H) or fused qkv biases (3, N, H).
+FLAT = Transform("flat", _reshape, lambda x: x.reshape(-1))
+
+
+def leading_ones(n: int) -> Transform:
+    """torch keeps `n` leading size-1 dims that jblip drops (class/position embeddings, query tokens)."""
+    return Transform(f"unsqueeze{n}", _reshape, lambda x: x.reshape((1,) * n + tuple(x.shape)))
 
 
 def linear(n_in: int = 1) -> Transform:

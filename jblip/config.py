@@ -85,6 +85,7 @@ class LlamaConfig:
     pad_token_id: int = 32000
     family: str = "llama"
     padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
+    remat: bool = False  # training: recompute each block in the backward pass (activation memory)
 
     @property
     def vocab_rows(self) -> int:
@@ -118,6 +119,7 @@ class T5Config:
     decoder_start_token_id: int = 0
     family: str = "t5"
     padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
+    remat: bool = False  # training: recompute each block in the backward pass (activation memory)
 
     @property
     def vocab_rows(self) -> int:
@@ -152,6 +154,7 @@ class OPTConfig:
     eos_token_id: int = 50118      # BLIP-2 stops on "\n"
     family: str = "opt"
     padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
+    remat: bool = False  # training: recompute each block in the backward pass (activation memory)
 
     @property
     def vocab_rows(self) -> int:
@@ -311,7 +314,8 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
     vcfg, qcfg, tcfg = (cfg.get(k) or {} for k in ("vision_config", "qformer_config", "text_config"))
 
     vision = VisionConfig(**_pick(vcfg, _VISION_KEYS, None))
-    vision = replace(vision, post_layernorm_eps=vision.layer_norm_eps)
+    # HF has one eps for blocks and post_layernorm; jblip's exports of LAVIS models record ln_vision's apart
+    vision = replace(vision, post_layernorm_eps=vcfg.get("post_layernorm_eps", vision.layer_norm_eps))
     q = _pick(qcfg, _QFORMER_KEYS, None)
     q.setdefault("use_text_input", instruct)
     qformer = QFormerConfig(**q)
@@ -319,6 +323,9 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
     family = _text_family(tcfg)
     if family == "llama":
         t = _pick(tcfg, _LLAMA_KEYS, None)
+        rope = tcfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta in here
+        if "rope_theta" not in t and isinstance(rope.get("rope_theta"), (int, float)):
+            t["rope_theta"] = float(rope["rope_theta"])
         # BOS/EOS stay at LAVIS' `</s>`=2 (the HF Vicuna text configs carry LLaMA-1's 0/1, pitfall P8)
         pad = tcfg.get("pad_token_id")
         t["pad_token_id"] = pad if isinstance(pad, int) and 0 <= pad < t.get("vocab_size", 32001) else 0

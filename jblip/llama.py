@@ -112,7 +112,8 @@ class LlamaModel(nn.Module):
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = Embed(c.vocab_rows, c.hidden_size, ("vocab", "embed"), **kw)
-        self.layers = [LlamaBlock(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
+        block = nn.remat(LlamaBlock) if c.remat else LlamaBlock  # recompute in the backward pass
+        self.layers = [block(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
         self.norm = LayerNorm(eps=c.rms_norm_eps, rms=True, use_bias=False, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = Linear((c.hidden_size,), (c.vocab_rows,), ("embed", "vocab"), use_bias=False, **kw)

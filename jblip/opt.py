@@ -122,7 +122,8 @@ class OPTModel(nn.Module):
                                      use_bias=False, **kw)
             self.project_out = Linear((c.hidden_size,), (c.word_embed_proj_dim,), ("embed", "embed"),
                                       use_bias=False, **kw)
-        self.layers = [OPTBlock(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
+        block = nn.remat(OPTBlock) if c.remat else OPTBlock  # recompute in the backward pass
+        self.layers = [block(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
         # HF (and metaseq) have a final norm only in the pre-LN variant.
         if c.do_layer_norm_before:
             self.final_layer_norm = LayerNorm(eps=c.layer_norm_eps, **kw)

@@ -212,6 +212,13 @@ class VisionLanguageModel:
         with self.sharding_context():
             return self._generate_jit(self.params, cfg, prepend, jax.random.key(seed), **inputs)
 
+    # ------------------------------------------------------------------ text in, text out
+    def generate_text(self, images, prompts, **options) -> list[str]:
+        """Answers as text for images (paths, PIL images or uint8 arrays) and one prompt per image
+        (or one for all), with the checkpoint's own tokenizers; see `jblip.pipeline.answer`."""
+        from jblip.pipeline import answer
+        return answer(self, images, prompts, **options)
+
 
 def bucket_length(n: int, minimum: int = 16) -> int:
     """Prompt lengths are padded to these buckets so new lengths rarely recompile."""

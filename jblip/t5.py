@@ -190,8 +190,9 @@ class T5Encoder(nn.Module):
                                     name="relative_attention_bias")(positions, positions)
         bias = bias + key_padding_bias(mask)
         x = embeds.astype(self.dtype)
+        encoder_layer = nn.remat(T5EncoderLayer) if c.remat else T5EncoderLayer  # recompute in the backward pass
         for i in range(c.num_layers):
-            x = T5EncoderLayer(c, name=f"layers_{i}", **kw)(x, bias)
+            x = encoder_layer(c, name=f"layers_{i}", **kw)(x, bias)
         return _norm(c, name="final_norm", **kw)(x)
 
 
@@ -203,7 +204,8 @@ class T5Decoder(nn.Module):
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.relative_attention_bias = RelativePositionBias(c, bidirectional=False, param_dtype=self.param_dtype)
-        self.layers = [T5DecoderLayer(c, name=f"layers_{i}", **kw) for i in range(c.num_decoder_layers)]
+        layer = nn.remat(T5DecoderLayer) if c.remat else T5DecoderLayer  # recompute in the backward pass
+        self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_decoder_layers)]
         self.final_norm = _norm(c, **kw)
 
     def cross_kv(self, enc_out):

@@ -67,3 +67,27 @@ def test_logits_match_torch(pair):
     diffs = dict(projection=max_diff(projected, feats.pooler_output.numpy()), logits=max_diff(logits, ref, where=valid))
     print(name, "max |delta|:", diffs)
     assert all(v <= TOL for v in diffs.values()), diffs
+
+
+def test_t5_checkpoint_with_its_own_lm_head_loads_untied(tmp_path):
+    """Released Flan-T5 checkpoints carry a separate lm_head although transformers 5 writes tie=true."""
+    from safetensors.numpy import load_file, save_file
+    hf = tiny_instructblip(tmp_path, seed=6, text=TINY_T5)
+    head = torch.randn(hf.language_model.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.3
+    hf.language_model.lm_head.weight = torch.nn.Parameter(head)  # untie in the reference too
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["language_model.lm_head.weight"] = head.numpy()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    model = jblip.load_pretrained(str(tmp_path))
+    assert not model.config.text.tie_word_embeddings and "lm_head" in model.params["llm"]
+    rng = np.random.default_rng(2)
+    pixels = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
+    q_ids, q_mask = right_padded_text([2, 5], 99, 3)
+    ids, mask = right_padded_prompts([3, 6], 128)
+    dec = np.array([[0, 4, 9], [0, 8, 1]])
+    t = torch.tensor
+    with torch.no_grad():
+        ref = hf(pixel_values=t(pixels), qformer_input_ids=t(q_ids), qformer_attention_mask=t(q_mask),
+                 input_ids=t(ids), attention_mask=t(mask), decoder_input_ids=t(dec)).logits.numpy()
+    logits = model.forward(pixels, ids, mask, q_ids, q_mask, decoder_input_ids=dec)
+    assert max_diff(logits, ref) <= TOL

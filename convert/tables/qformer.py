@@ -3,7 +3,7 @@
 `query_tokens` is a top-level HF key (not under `qformer.`); the composite
 model's table maps it to `qformer/query_tokens`.
 """
-from convert.rules import LINEAR, LINEAR_HEADS_IN, Rule
+from convert.rules import FLAT, LINEAR, LINEAR_HEADS_IN, Rule
 
 _LAYER = r"encoder\.layer\.(\d+)\."
 
@@ -14,7 +14,7 @@ def _layer_rules(text_ffn: bool) -> list[Rule]:
     for hf, ours in (("attention", "self_attn"), ("crossattention", "cross_attn")):
         rules += [
             Rule(_LAYER + hf + r"\.attention\.(query|key|value)\.weight", rf"layers_\1/{ours}/\2/kernel", LINEAR),
-            Rule(_LAYER + hf + r"\.attention\.(query|key|value)\.bias", rf"layers_\1/{ours}/\2/bias"),
+            Rule(_LAYER + hf + r"\.attention\.(query|key|value)\.bias", rf"layers_\1/{ours}/\2/bias", FLAT),
             Rule(_LAYER + hf + r"\.output\.dense\.weight", rf"layers_\1/{ours}/output/kernel", LINEAR_HEADS_IN),
             Rule(_LAYER + hf + r"\.output\.dense\.bias", rf"layers_\1/{ours}/output/bias"),
             Rule(_LAYER + hf + r"\.output\.LayerNorm\.weight", rf"layers_\1/{ours}_norm/scale"),

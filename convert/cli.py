@@ -1,0 +1,108 @@
+"""`jblip convert SRC DST`: any supported checkpoint -> a HF-format safetensors folder.
+
+    jblip convert ./instructblip-vicuna-7b-bin ./out                  # HF folder (.bin or safetensors)
+    jblip convert --lavis instruct_blip_vicuna7b_trimmed.pth --vit eva_vit_g.pth \\
+                  --llm ./vicuna-7b-v1.1 --preset instructblip-vicuna-7b ./out
+Tensors stream one at a time from the source files to the output shards, in
+their stored dtype unless --dtype asks for a cast.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+DTYPES = {"keep": None, "float32": "float32", "bfloat16": "bfloat16"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="SRC DST: a HF checkpoint folder, .bin/.safetensors file or *.index.json, and the "
+                             "output folder; with --lavis only DST")
+    parser.add_argument("--lavis", metavar="MODEL.pth", help="LAVIS InstructBLIP / BLIP-2 checkpoint (.pth)")
+    parser.add_argument("--vit", metavar="EVA.pth", help="with --lavis: EVA ViT weights (eva_vit_g.pth)")
+    parser.add_argument("--llm", metavar="DIR", help="with --lavis: the language model as a HF folder")
+    parser.add_argument("--preset", help="model config preset (needed for --lavis unless --config is given)")
+    parser.add_argument("--config", help="a HF config.json (or folder with one) describing the model; "
+                                         "default for SRC: its config.json")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
+                        help="dtype of floating tensors in the output (keep: as stored, bit-exact)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in DST")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+class Progress:
+    """One in-place line on stderr: tensors done/total and MB written."""
+
+    def __init__(self, enabled: bool, stream=None):
+        self.enabled, self.stream, self.last = enabled, stream or sys.stderr, 0.0
+
+    def __call__(self, done: int, total: int, nbytes: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (done < total and now - self.last < 0.1):
+            return
+        self.last = now
+        self.stream.write(f"\rconverting: {done}/{total} tensors, {nbytes / 1e6:.1f} MB")
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _hf_source(src: str, args):
+    from convert.fuse import FuseQVBias
+    from convert.hf import hf_rules
+    from convert.readers import open_checkpoint
+    from jblip.config import from_hf_config, preset, untie_if_present
+
+    if args.config:
+        config = from_hf_config(args.config)
+    elif args.preset:
+        config = preset(args.preset)
+    else:
+        folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ValueError(f"no config.json next to {src}; pass --config or --preset")
+        config = from_hf_config(folder)
+    source = open_checkpoint(src)
+    config = untie_if_present(config, source.keys())
+    return config, FuseQVBias(source), source, hf_rules(config), None
+
+
+def _lavis_source(args):
+    from convert.lavis import LavisCheckpoint
+
+    if not (args.config or args.preset):
+        raise ValueError("--lavis needs the model's config: --preset NAME (e.g. instructblip-vicuna-7b) or --config")
+    ckpt = LavisCheckpoint(args.lavis, args.vit, args.llm, args.config or args.preset)
+    return ckpt.config, ckpt, ckpt, ckpt.rules, ckpt
+
+
+def run(args) -> int:
+    from convert.export import LazyParams, export_hf
+    from jblip.model import abstract_params
+
+    if args.lavis:
+        if len(args.paths) != 1:
+            raise ValueError(f"with --lavis give only DST (got {len(args.paths)} paths: {args.paths})")
+        dst = args.paths[0]
+    else:
+        if args.vit or args.llm:
+            raise ValueError("--vit and --llm only apply together with --lavis MODEL.pth")
+        if len(args.paths) != 2:
+            raise ValueError(f"expected SRC DST (got {len(args.paths)} paths: {args.paths})")
+        dst = args.paths[1]
+    config, source, closer, rules, lavis = _lavis_source(args) if args.lavis else _hf_source(args.paths[0], args)
+    try:
+        abstract = abstract_params(config)
+        if lavis is not None:
+            _, report = lavis.plan(abstract)
+            print(report)
+        params = LazyParams(source, rules, abstract, DTYPES[args.dtype])
+        summary = export_hf(config, dst, params=params, max_shard_bytes=args.max_shard_size,
+                            dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+                            progress=Progress(not args.quiet))
+    finally:
+        closer.close()
+    print(summary)
+    return 0

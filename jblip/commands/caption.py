@@ -1,0 +1,183 @@
+"""`jblip caption --images DIR_OR_GLOB --out results.jsonl`: caption many images, resumably.
+
+Each output line is `{"image": path, "caption": text}`, written and flushed one
+batch at a time, so an interrupted run loses at most the batch in flight and a
+rerun of the same command skips every image already in the file (matched by
+absolute path) and never writes a second line for it. A partial last line (a
+run killed mid-write) is dropped before appending. Unreadable images are
+reported on stderr, not written, and retried by the next run.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from jblip.commands.common import (add_decoding_arguments, add_model_arguments, checkpoint_path, decoding_options,
+                                   load_model)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DEFAULT_PROMPTS = {"instructblip": "A short image description:", "blip2": ""}  # LAVIS captioning prompts
+
+
+def add_arguments(parser):
+    add_model_arguments(parser)
+    parser.add_argument("--images", required=True, metavar="DIR_OR_GLOB",
+                        help=f"a folder (searched recursively for {', '.join(IMAGE_EXTENSIONS)}) or a glob such as "
+                             "'photos/**/*.jpg' (quote it)")
+    parser.add_argument("--prompt", default=None,
+                        help="instruction (default: 'A short image description:' for InstructBLIP, '' for BLIP-2)")
+    parser.add_argument("--out", required=True, help="JSONL output; appended to, and resumed from, if it exists")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="threads decoding and resizing images ahead of the model")
+    add_decoding_arguments(parser)
+
+
+def image_key(path: str) -> str:
+    return os.path.normcase(os.path.abspath(path))
+
+
+def list_images(spec: str) -> list[str]:
+    if os.path.isdir(spec):
+        found = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
+                 if name.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {spec}")
+    else:
+        found = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+        if not found:
+            raise FileNotFoundError(f"no files match {spec!r}")
+    unique = {image_key(p): p for p in sorted(found)}
+    return sorted(unique.values())
+
+
+def read_done(out: str) -> set[str]:
+    """Keys of the images already in `out`; a partial last line is cut off the file."""
+    if not os.path.exists(out):
+        return set()
+    with open(out, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(out, "r+b") as f:
+            f.truncate(keep)
+        print(f"caption: dropped an incomplete last line of {out} (interrupted write)", file=sys.stderr)
+        data = data[:keep]
+    done = set()
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            done.add(image_key(json.loads(line)["image"]))
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{out} line {number} is not a jblip caption record ({line[:60]!r}); "
+                             "fix or remove it, or choose another --out") from None
+    return done
+
+
+class Progress:
+    """One status line on stderr: done/total, images/s, unreadable count."""
+
+    def __init__(self, total: int, skipped: int):
+        self.total, self.skipped = total, skipped
+        self.done = self.bad = 0
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def rate(self) -> float:
+        return self.done / max(time.perf_counter() - self.start, 1e-9)
+
+    def update(self):
+        line = (f"caption: {self.done + self.bad}/{self.total} images, {self.rate():.2f} images/s"
+                + (f", {self.bad} unreadable" if self.bad else ""))
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def summary(self, out: str, interrupted: bool = False) -> str:
+        if self.tty:
+            print(file=sys.stderr)
+        took = time.perf_counter() - self.start
+        text = (f"caption: {'interrupted: ' if interrupted else ''}captioned {self.done} images in {took:.1f} s "
+                f"({self.rate():.2f} images/s); {self.skipped} already in {out}; {self.bad} unreadable")
+        return text + ("; run the same command again to continue" if interrupted or self.bad else "")
+
+
+def _load(processor, path):
+    try:
+        return processor.image_processor.preprocess_one(path, path), None
+    except (ValueError, OSError) as e:
+        return None, str(e)
+
+
+def run(args) -> int:
+    from jblip.pipeline import sampler_for
+    from jblip.processing import Processor
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    paths = list_images(args.images)
+    done = read_done(args.out)
+    todo = [p for p in paths if image_key(p) not in done]
+    path = checkpoint_path(args)
+    processor = Processor.from_pretrained(path)
+    prompt = DEFAULT_PROMPTS[processor.config.model_type] if args.prompt is None else args.prompt
+    options = decoding_options(args)
+    # the same prompt for every image: its token ids are built once, for a full batch
+    text = processor.text_inputs(prompt, args.batch_size, options.pop("max_length"), options.pop("truncation"))
+    progress = Progress(len(todo), len(paths) - len(todo))
+    if not todo:
+        print(f"caption: all {len(paths)} images are already in {args.out}", file=sys.stderr)
+        return 0
+    model = load_model(path, args, processor)
+    seed, preset = options.pop("seed"), options.pop("preset")
+    sampler = sampler_for(model, preset, **options)
+    if sampler.num_return_sequences != 1:
+        raise ValueError("caption writes one caption per image (num_return_sequences must be 1)")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+    progress.start = time.perf_counter()
+    with open(args.out, "a", encoding="utf-8") as out, ThreadPoolExecutor(max(1, args.workers)) as pool:
+        submit = lambda batch: [pool.submit(_load, processor, p) for p in batch]  # noqa: E731
+        ahead = submit(batches[0])
+        try:
+            for i, batch in enumerate(batches):
+                loaded = [f.result() for f in ahead]
+                if i + 1 < len(batches):
+                    ahead = submit(batches[i + 1])  # decode the next batch while this one runs
+                good = []
+                for p, (pixels, error) in zip(batch, loaded):
+                    if error is None:
+                        good.append((p, pixels))
+                    else:
+                        progress.bad += 1
+                        print(f"caption: skipped {error}", file=sys.stderr)
+                if good:
+                    captions = _caption(model, processor, text, sampler, seed, [x for _, x in good], args.batch_size)
+                    out.write("".join(json.dumps({"image": p, "caption": c}, ensure_ascii=False) + "\n"
+                                      for (p, _), c in zip(good, captions)))
+                    out.flush()
+                    os.fsync(out.fileno())
+                    progress.done += len(good)
+                progress.update()
+        except KeyboardInterrupt:
+            for f in ahead:
+                f.cancel()
+            print(progress.summary(args.out, interrupted=True), file=sys.stderr)
+            return 130
+    print(progress.summary(args.out), file=sys.stderr)
+    return 0
+
+
+def _caption(model, processor, text, sampler, seed, pixels, batch_size) -> list[str]:
+    """Captions of up to `batch_size` images; a short batch is filled with copies of its last
+    image so every call has the same shapes (no recompilation), and the copies are dropped."""
+    n = len(pixels)
+    pixels = np.stack(pixels + [pixels[-1]] * (batch_size - n))
+    output = model.generate(pixel_values=pixels, **text, sampler=sampler, seed=seed)
+    return processor.decode(output)[:n]

@@ -1,0 +1,64 @@
+"""Arguments shared by the `generate` and `caption` commands: model, precision, decoding."""
+from __future__ import annotations
+
+import argparse
+
+from jblip.processing import DEFAULT_MAX_LENGTH
+from jblip.sampling import PRESETS
+
+
+def add_model_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", default=None, metavar="PATH_OR_HUB_ID",
+                        help="HF-format checkpoint directory or hub id (default: the bundled demo model)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="float32 everywhere, or bfloat16 for the ViT and the language model "
+                             "with the Q-Former kept in float32 (default: float32)")
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="greedy",
+                   help="starting settings: greedy, or LAVIS' InstructBLIP defaults "
+                        "(5 beams, up to 256 new tokens, repetition penalty 1.5)")
+    g.add_argument("--max-new-tokens", type=int, help="most tokens to generate (greedy preset: 30)")
+    g.add_argument("--min-new-tokens", type=int)
+    g.add_argument("--beams", type=int, dest="num_beams", help="beam search with this many beams")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy / beam search")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--length-penalty", type=float)
+    g.add_argument("--seed", type=int, default=0, help="random seed for --sample")
+    g.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help=f"longest prompt in tokens (default {DEFAULT_MAX_LENGTH}, as LAVIS); longer ones keep their end")
+    g.add_argument("--no-truncation", action="store_true",
+                   help="reject prompts longer than --max-length instead of cutting them")
+
+
+def decoding_options(args) -> dict:
+    """Keyword arguments for `jblip.pipeline.answer`."""
+    options = dict(preset=args.preset, seed=args.seed, max_length=args.max_length, truncation=not args.no_truncation)
+    for name in ("max_new_tokens", "min_new_tokens", "num_beams", "top_p", "top_k", "temperature",
+                 "repetition_penalty", "length_penalty"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.sample:
+        options["do_sample"] = True
+    return options
+
+
+def checkpoint_path(args) -> str:
+    """Local directory of --model (the demo model when absent; a hub id is downloaded)."""
+    from jblip.pipeline import resolve_model
+    from jblip.pretrained import _resolve_path
+    return _resolve_path(resolve_model(args.model))
+
+
+def load_model(path: str, args, processor=None):
+    """The weights at `path`, at --precision; `processor` (already built) is kept with the model."""
+    from jblip.pretrained import load_pretrained
+    model = load_pretrained(path, precision=args.precision)
+    if processor is not None:
+        model._jblip_processor = processor
+    return model

@@ -1,0 +1,182 @@
+"""From images + prompts to model inputs, and from generated ids back to text.
+
+`Processor` assembles what `VisionLanguageModel.generate` takes, equal to HF's
+`InstructBlipProcessor` / `Blip2Processor` (ARCHITECTURE.md §2.4, §5, P6):
+
+- layout: `num_query_tokens` copies of `<image>` (`config.image_token_index`) in
+  front of each row, before any padding and before BOS; a config without
+  `image_token_index` gets the legacy layout (no placeholders; the model
+  prepends the queries).
+- padding: decoder-only LMs (Vicuna, OPT) on the left, so every prompt ends at
+  the last position; Flan-T5 on the right. BOS (`</s>` = 2 for LAVIS Vicuna and
+  OPT) and T5's appended `</s>` come from the checkpoint's tokenizer files.
+- Q-Former text (InstructBLIP): `[CLS] instruction [SEP]`, always right-padded
+  (LAVIS; its position ids start at the first token).
+- long instructions: cut from the left to `max_length` tokens (default 128 =
+  LAVIS `max_txt_len`, counted without the query placeholders and applied to
+  both tokenizers, as LAVIS does), or rejected with `truncation=False`.
+- empty prompts: an error for InstructBLIP (it needs an instruction); allowed
+  for BLIP-2, whose captioning prompt is "" in LAVIS (the LM then starts from BOS).
+
+Decoding keeps each row up to its length (through EOS) and drops special tokens.
+LAVIS' "0 -> 2" remapping of its pad id is not needed: jblip pads only after EOS
+and never decodes those positions.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from jblip.config import ModelConfig, from_hf_config
+from jblip.image_processing import ImageLike, ImageProcessor
+from jblip.text_processing import TextTokenizer, load_tokenizers
+
+DEFAULT_MAX_LENGTH = 128  # LAVIS max_txt_len of the InstructBLIP models
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot take (empty, too long, not text), naming which one."""
+
+
+class Processor:
+    """Images + per-sample prompts -> the input arrays of `VisionLanguageModel.generate`."""
+
+    def __init__(self, config: ModelConfig, image_processor: ImageProcessor, tokenizer: TextTokenizer,
+                 qformer_tokenizer: TextTokenizer | None = None, max_length: int | None = DEFAULT_MAX_LENGTH,
+                 truncation: bool = True):
+        if config.qformer.use_text_input and qformer_tokenizer is None:
+            raise ValueError("InstructBLIP needs a Q-Former tokenizer (qformer_tokenizer)")
+        self.config = config
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer if config.qformer.use_text_input else None
+        self.max_length = max_length
+        self.truncation = truncation
+        self._check_image_token()
+
+    def __repr__(self):
+        return (f"Processor({self.config.model_type}/{self.config.family}, {self.image_processor}, "
+                f"{self.tokenizer}, max_length={self.max_length}, truncation={self.truncation})")
+
+    @classmethod
+    def from_pretrained(cls, path: str, config: ModelConfig | None = None, **kwargs) -> "Processor":
+        """Tokenizers and image settings from a HF-format checkpoint directory."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no checkpoint directory at {path}")
+        config = config or from_hf_config(path)
+        tokenizer, qformer_tokenizer = load_tokenizers(path, config.qformer.use_text_input)
+        images = ImageProcessor.from_pretrained(path, config.vision.image_size)
+        return cls(config, images, tokenizer, qformer_tokenizer, **kwargs)
+
+    def _check_image_token(self):
+        saved = self.tokenizer.token_id("<image>")
+        expected = self.config.image_token_index
+        if saved is not None and expected is not None and saved != expected:
+            raise ValueError(f"the tokenizer's <image> token has id {saved} but the model config says "
+                             f"image_token_index={expected}; tokenizer and checkpoint do not belong together")
+
+    # ------------------------------------------------------------------ limits
+    def _limits(self, max_length: int | None) -> tuple[int | None, int | None]:
+        """(language-model prompt limit, Q-Former text limit) in tokens."""
+        text_limit = max_length
+        model_positions = getattr(self.config.text, "max_position_embeddings", None)
+        if model_positions is not None and self.config.family != "t5":
+            room = model_positions - self.config.num_query_tokens
+            text_limit = room if text_limit is None else min(text_limit, room)
+        q_limit = self.config.qformer.max_position_embeddings
+        q_limit = q_limit if max_length is None else min(max_length, q_limit)
+        return text_limit, q_limit
+
+    def _encode(self, tokenizer: TextTokenizer, prompts: list[str], limit: int | None, truncation: bool,
+                what: str, max_length: int | None) -> list[list[int]]:
+        ids = tokenizer.encode(prompts)
+        too_long = [i for i, row in enumerate(ids) if limit is not None and len(row) > limit]
+        if not too_long:
+            return ids
+        if not truncation:
+            i = too_long[0]
+            cause = "the model allows" if max_length is None or limit < max_length else f"max_length={max_length} allows"
+            raise PromptError(f"prompt {i} is {len(ids[i])} {what} tokens long, more than the {limit} {cause}; "
+                              "shorten it, or allow truncation (which keeps its end)")
+        if limit <= tokenizer.num_special_tokens:
+            raise PromptError(f"max_length {limit} leaves no room for text after the special tokens")
+        return tokenizer.encode(prompts, max_length=limit)
+
+    # ------------------------------------------------------------------ text
+    def _prompts(self, prompts: str | Sequence[str], batch: int | None) -> list[str]:
+        if isinstance(prompts, str):
+            prompts = [prompts] * (batch or 1)
+        prompts = list(prompts)
+        if batch is not None and len(prompts) != batch:
+            raise PromptError(f"got {len(prompts)} prompts for {batch} images; give one prompt, or one per image")
+        if not prompts:
+            raise PromptError("no prompts given")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise PromptError(f"prompt {i} is a {type(p).__name__}, not a string")
+            if self.config.model_type == "instructblip" and not p.strip():
+                raise PromptError(f"prompt {i} is empty; InstructBLIP needs an instruction, "
+                                  "e.g. 'A short image description:'")
+        return prompts
+
+    def text_inputs(self, prompts: str | Sequence[str], batch: int | None = None,
+                    max_length: int | None | str = "default", truncation: bool | None = None) -> dict:
+        """input_ids / attention_mask (+ qformer_input_ids / qformer_attention_mask), int32 numpy."""
+        prompts = self._prompts(prompts, batch)
+        max_length = self.max_length if max_length == "default" else max_length
+        truncation = self.truncation if truncation is None else truncation
+        text_limit, q_limit = self._limits(max_length)
+        ids = self._encode(self.tokenizer, prompts, text_limit, truncation, "language-model", max_length)
+        out = self._layout(ids)
+        if self.qformer_tokenizer is not None:
+            q_ids = self._encode(self.qformer_tokenizer, prompts, q_limit, truncation, "Q-Former", max_length)
+            pad = _first_not_none(self.qformer_tokenizer.special_id("pad_token"), self.config.qformer.pad_token_id)
+            out["qformer_input_ids"], out["qformer_attention_mask"] = _pad(q_ids, pad, left=False)
+        else:
+            out["qformer_input_ids"] = out["qformer_attention_mask"] = None
+        return out
+
+    def _layout(self, ids: list[list[int]]) -> dict:
+        config = self.config
+        pad = _first_not_none(self.tokenizer.special_id("pad_token"), getattr(config.text, "pad_token_id", 0))
+        text_ids, text_mask = _pad(ids, pad, left=config.family != "t5")
+        if config.image_token_index is not None:
+            batch, q = len(ids), config.num_query_tokens
+            text_ids = np.concatenate([np.full((batch, q), config.image_token_index, np.int32), text_ids], 1)
+            text_mask = np.concatenate([np.ones((batch, q), np.int32), text_mask], 1)
+        return dict(input_ids=text_ids, attention_mask=text_mask)
+
+    # ------------------------------------------------------------------ all together
+    def __call__(self, images: ImageLike | Sequence[ImageLike], prompts: str | Sequence[str],
+                 max_length: int | None | str = "default", truncation: bool | None = None) -> dict:
+        """pixel_values [B, S, S, 3] float32, input_ids, attention_mask, qformer_input_ids,
+        qformer_attention_mask: keyword arguments for `VisionLanguageModel.generate`."""
+        pixels = self.image_processor(images)
+        inputs = self.text_inputs(prompts, pixels.shape[0], max_length, truncation)
+        return dict(pixel_values=pixels, **inputs)
+
+    def decode(self, tokens, lengths=None) -> list[str]:
+        """Text of each generated row (a `GenerateOutput`, or ids [R, L] with optional lengths [R])."""
+        if lengths is None and hasattr(tokens, "lengths"):
+            tokens, lengths = tokens.tokens, tokens.lengths
+        tokens = np.asarray(tokens)
+        lengths = np.full(tokens.shape[0], tokens.shape[1]) if lengths is None else np.asarray(lengths)
+        return [self.tokenizer.decode(row[:n]) for row, n in zip(tokens, lengths)]
+
+
+def _first_not_none(*values):
+    return next(v for v in values if v is not None)
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = row
+        mask[i, span] = 1
+    return ids, mask

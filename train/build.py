@@ -1,0 +1,122 @@
+"""From a TrainConfig to the pieces of a run: model config, params on the mesh, tokenizers, layout.
+
+Params are read straight into their training dtypes: the trainable set in
+float32 (master weights), frozen towers in their compute dtype (bf16 for the
+ViT and LM with `precision: bfloat16`), each tensor placed on its mesh slot as
+it is read (`convert_params` with a `place` callback, as `load_pretrained`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jblip import sharding
+from jblip.config import PRESETS, ModelConfig, Precision, from_hf_config, untie_if_present
+from jblip.model import abstract_params, init_params
+from train import trainable as tr
+from train.config import TrainConfig
+from train.data import Tokenizer
+from train.labels import TextLayout
+from train.state import frozen_dtypes
+
+
+def training_precision(name: str) -> Precision:
+    """Compute dtypes; storage is decided per subtree (float32 masters, see module doc)."""
+    if name == "float32":
+        return Precision()
+    return Precision(vision="bfloat16", qformer="float32", text="bfloat16", param_dtype="float32")
+
+
+def _storage_dtypes(config: ModelConfig, trainable_set):
+    """Abstract params with the dtype each leaf is kept in during training."""
+    abstract = abstract_params(config)
+    trainable, frozen = tr.split(abstract, trainable_set)
+    frozen = frozen_dtypes(frozen, config.precision)
+    as_struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return jax.tree_util.tree_map(as_struct, tr.merge(tr.cast(trainable, jnp.float32), frozen))
+
+
+def load_params(cfg: TrainConfig, mesh, rules=None):
+    """(ModelConfig, params) for the run, placed on `mesh` (vocab padded to divide it)."""
+    rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
+    precision = training_precision(cfg.precision)
+    if cfg.model in PRESETS:  # random init: demos and tests
+        config = PRESETS[cfg.model].with_precision(precision)
+        params = init_params(config, cfg.init_seed)  # unpadded, so the values do not depend on the mesh
+        params = jax.tree_util.tree_map(lambda x, a: x.astype(a.dtype), params,
+                                        _storage_dtypes(config, cfg.trainable))
+        if mesh is not None:
+            config = sharding.pad_vocab(config, mesh, rules)
+            params = _place_all(params, config, mesh, rules)
+        return _with_remat(config, cfg.remat), params
+    return _load_checkpoint(cfg, mesh, rules, precision)
+
+
+def _place_all(params, config: ModelConfig, mesh, rules):
+    """Each leaf onto its mesh slot, zero-padded where the config pads the vocabulary."""
+    from convert.rules import flatten, unflatten
+    targets = flatten(sharding.param_shardings(abstract_params(config, boxed=True), mesh, rules))
+    shapes = flatten(abstract_params(config))
+    return unflatten({p: sharding.place(np.asarray(x), targets[p], shapes[p].shape)
+                      for p, x in flatten(params).items()})
+
+
+def _with_remat(config: ModelConfig, remat: bool) -> ModelConfig:
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, remat=bool(remat)))
+
+
+def _load_checkpoint(cfg: TrainConfig, mesh, rules, precision):
+    from convert.fuse import FuseQVBias
+    from convert.hf import hf_rules
+    from convert.readers import open_checkpoint
+    from convert.rules import convert_params, flatten
+    from jblip.pretrained import _resolve_path
+
+    path = _resolve_path(cfg.model)
+    config = from_hf_config(path, name=os.path.basename(os.path.normpath(path))).with_precision(precision)
+    with open_checkpoint(path) as source:
+        config = untie_if_present(config, source.keys())
+        checkpoint_shapes = _storage_dtypes(config, cfg.trainable)
+        place = lambda _, x: jnp.asarray(x)
+        if mesh is not None:
+            config = sharding.pad_vocab(config, mesh, rules)
+            targets = flatten(sharding.param_shardings(abstract_params(config, boxed=True), mesh, rules))
+            shapes = flatten(abstract_params(config))
+            place = lambda p, x: sharding.place(x, targets[p], shapes[p].shape)
+        params = convert_params(FuseQVBias(source), hf_rules(config), checkpoint_shapes, place=place)
+    return _with_remat(config, cfg.remat), params
+
+
+def load_tokenizers(cfg: TrainConfig, config: ModelConfig):
+    """(LM tokenizer, Q-Former tokenizer): from the config's paths, else the model directory.
+    None where nothing is found (then the data must carry token ids)."""
+    def find(path):
+        if path is None:
+            return None
+        file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
+        return Tokenizer(file) if os.path.isfile(file) else None
+    model_dir = cfg.model if os.path.isdir(cfg.model) else None
+    lm = find(cfg.tokenizer) or find(model_dir)
+    if cfg.tokenizer and lm is None:
+        raise FileNotFoundError(f"tokenizer: no tokenizer.json at {cfg.tokenizer}")
+    qf = find(cfg.qformer_tokenizer)
+    if qf is None and config.qformer.use_text_input:
+        for base in (cfg.tokenizer, model_dir):
+            qf = qf or (find(os.path.join(base, "qformer_tokenizer")) if base and os.path.isdir(base) else None)
+    return lm, qf or lm
+
+
+def text_layout(cfg: TrainConfig, config: ModelConfig, qformer_tokenizer: Tokenizer | None) -> TextLayout:
+    """Token layout for this model; the Q-Former's [CLS]/[SEP] ids from its tokenizer when it has them."""
+    special = {}
+    if qformer_tokenizer is not None:
+        for name, token in (("qformer_cls", "[CLS]"), ("qformer_sep", "[SEP]")):
+            tid = qformer_tokenizer.token_id(token)
+            if tid is not None:
+                special[name] = tid
+    return TextLayout.for_model(config, max_input_len=cfg.max_input_len, max_output_len=cfg.max_output_len,
+                                max_qformer_len=cfg.max_qformer_len, **special)

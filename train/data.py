@@ -1,0 +1,215 @@
+"""JSONL image-instruction data: records, deterministic resumable order, host sharding, batches.
+
+A data file has one JSON object per line:
+    {"image": "images/0001.jpg", "text_input": "What colour is the shape?", "text_output": "red"}
+Image paths are relative to the JSONL file (or `image_root`). Instead of text,
+a record may carry token ids (no special tokens): "input_ids", "output_ids"
+and optionally "qformer_ids"; then no tokenizer is needed.
+
+Order: example k of the stream (k = 0, 1, ... across epochs) is record
+`permutation(seed, epoch = k // n)[k % n]`; the data position is the number of
+examples the whole job (all hosts) consumed, so resuming from a saved position
+replays exactly the same examples, crops and flips (the augmentation RNG is
+seeded by (seed, k)). Global batch b covers stream indices [b*G, (b+1)*G); host
+h of H reads its contiguous G/H slice of it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from train import images
+from train.labels import TextLayout, collate, encode_example, encode_prompt
+from train.loss import IGNORE
+
+TEXT_KEYS = ("text_input", "text_output")
+ID_KEYS = ("input_ids", "output_ids")
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_jsonl(path: str, image_root: str | None = None) -> list[dict]:
+    """Records with absolute image paths; errors name the file and line."""
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    records = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from None
+            if not isinstance(rec, dict) or "image" not in rec:
+                raise DataError(f"{path}:{line_no}: a record needs an \"image\" path")
+            if not (all(k in rec for k in TEXT_KEYS) or all(k in rec for k in ID_KEYS)):
+                raise DataError(f"{path}:{line_no}: a record needs \"text_input\" and \"text_output\" "
+                                "(or token ids \"input_ids\" and \"output_ids\")")
+            rec = dict(rec, image=os.path.join(root, rec["image"]))
+            records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+class Tokenizer:
+    """A `tokenizers` tokenizer.json; encode without special tokens (the layout adds them)."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as HFTokenizer
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no tokenizer.json at {path}")
+        self.tok = HFTokenizer.from_file(path)
+        self.path = path
+
+    @classmethod
+    def wrap(cls, tok) -> "Tokenizer":
+        self = cls.__new__(cls)
+        self.tok, self.path = tok, None
+        return self
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+
+@dataclass
+class Encoder:
+    """Record -> token lists (LLM and Q-Former tokenizers; or ids from the record)."""
+    layout: TextLayout
+    tokenizer: Tokenizer | None = None
+    qformer_tokenizer: Tokenizer | None = None
+
+    def _ids(self, rec: dict, text_key: str, id_key: str, tok) -> list[int]:
+        if id_key in rec:
+            return list(rec[id_key])
+        if tok is None:
+            raise DataError(f"record has text but no tokenizer was given (or give token ids {ID_KEYS})")
+        return tok.encode(rec[text_key])
+
+    def instruction(self, rec):
+        return self._ids(rec, "text_input", "input_ids", self.tokenizer)
+
+    def answer(self, rec):
+        return self._ids(rec, "text_output", "output_ids", self.tokenizer)
+
+    def qformer_instruction(self, rec):
+        if not self.layout.use_qformer_text:
+            return None
+        return self._ids(rec, "text_input", "qformer_ids", self.qformer_tokenizer or self.tokenizer)
+
+    def example(self, rec: dict) -> dict:
+        return encode_example(self.instruction(rec), self.answer(rec), self.layout, self.qformer_instruction(rec))
+
+    def prompt(self, rec: dict) -> dict:
+        return encode_prompt(self.instruction(rec), self.layout, self.qformer_instruction(rec))
+
+
+def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class BatchStream:
+    """Host-local training batches in a deterministic, resumable order.
+
+    `position` = examples consumed by the whole job. `next()` returns this
+    host's slice of the next global batch as numpy arrays (pixel_values NHWC
+    float32 plus the `collate` keys) and advances the position by the global
+    batch size.
+    """
+
+    def __init__(self, records: list[dict], encoder: Encoder, global_batch: int, image_size: int,
+                 seed: int = 0, position: int = 0, train: bool = True, shuffle: bool = True,
+                 process_index: int | None = None, process_count: int | None = None,
+                 lengths: dict[str, int] | None = None, workers: int = 4,
+                 load_image: Callable = images.load_rgb):
+        import jax
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if global_batch % self.process_count:
+            raise DataError(f"global batch {global_batch} does not split evenly over {self.process_count} hosts")
+        self.records, self.encoder = records, encoder
+        self.global_batch, self.local_batch = global_batch, global_batch // self.process_count
+        self.image_size, self.seed, self.position = image_size, seed, position
+        self.train, self.shuffle, self.lengths = train, shuffle, lengths
+        self.load_image = load_image
+        self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def record_index(self, k: int) -> int:
+        n = len(self.records)
+        epoch, offset = divmod(k, n)
+        if not self.shuffle:
+            return offset
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: permutation(n, self.seed, epoch)}
+        return int(self._perm_cache[epoch][offset])
+
+    def _pixels(self, k: int, rec: dict) -> np.ndarray:
+        img = self.load_image(rec["image"])
+        if self.train:
+            return images.train_transform(img, self.image_size, np.random.default_rng([self.seed, 1, k]))
+        return images.eval_transform(img, self.image_size)
+
+    def local_indices(self, position: int) -> range:
+        start = position + self.process_index * self.local_batch
+        return range(start, start + self.local_batch)
+
+    def batch_at(self, position: int) -> dict[str, np.ndarray]:
+        ks = list(self.local_indices(position))
+        recs = [self.records[self.record_index(k)] for k in ks]
+        run = self._pool.map if self._pool else map
+        pixels = list(run(self._pixels, ks, recs))
+        batch = collate([self.encoder.example(r) for r in recs], self.encoder.layout, self.lengths)
+        batch["pixel_values"] = np.stack(pixels)
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self.position)
+        self.position += self.global_batch
+        return batch
+
+    def state(self) -> dict:
+        return {"position": int(self.position), "seed": int(self.seed)}
+
+    def restore(self, state: dict):
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise DataError(f"checkpoint data order used seed {state['seed']}, this run seed {self.seed}: "
+                            "resuming would not replay the same examples")
+        self.position = int(state["position"])
+
+
+def eval_batches(records: list[dict], encoder: Encoder, batch_size: int, image_size: int,
+                 lengths: dict[str, int] | None = None, load_image: Callable = images.load_rgb):
+    """(loss batch, prompt batch, answers, count) for consecutive slices of a held-out set.
+
+    The last slice is padded up to `batch_size` with copies of its first record
+    (so shapes stay fixed); `count` says how many rows are real.
+    """
+    for start in range(0, len(records), batch_size):
+        real = records[start:start + batch_size]
+        recs = real + [real[0]] * (batch_size - len(real))
+        pixels = np.stack([images.eval_transform(load_image(r["image"]), image_size) for r in recs])
+        batch = collate([encoder.example(r) for r in recs], encoder.layout, lengths)
+        batch["labels"][len(real):] = IGNORE  # filler rows do not count in the loss
+        batch["pixel_values"] = pixels
+        prompts = [encoder.prompt(r) for r in recs]
+        answers = [encoder.answer(r) for r in recs]
+        yield batch, prompts, answers, len(real)

@@ -1,0 +1,67 @@
+"""Image transforms of the InstructBLIP recipe (ARCHITECTURE.md §6), NHWC float32 out.
+
+Eval (`blip_image_eval`): bicubic resize to S x S (aspect not kept), /255,
+CLIP mean/std. Train (`blip2_image_train`, the Vicuna recipe): torchvision's
+RandomResizedCrop(S, scale=(0.5, 1.0), ratio=(3/4, 4/3), bicubic), random
+horizontal flip, then the same normalisation. Randomness comes from a numpy
+Generator the caller seeds per example, so a resumed run sees the same crops.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def load_rgb(path) -> Image.Image:
+    """An image file as RGB (alpha dropped, as LAVIS' `convert("RGB")`)."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def normalize(img: Image.Image) -> np.ndarray:
+    x = np.asarray(img, np.float32) / 255.0
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
+def eval_transform(img: Image.Image, size: int) -> np.ndarray:
+    return normalize(img.convert("RGB").resize((size, size), Image.BICUBIC))
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, crop_width, crop_height), sampled like torchvision's RandomResizedCrop:
+    ten tries at a random area fraction and log-uniform aspect ratio, else a centre crop."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def train_transform(img: Image.Image, size: int, rng: np.random.Generator, scale=(0.5, 1.0),
+                    flip: bool = True) -> np.ndarray:
+    img = img.convert("RGB")
+    left, top, w, h = random_resized_crop_box(img.width, img.height, rng, scale)
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return normalize(img)

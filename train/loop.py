@@ -1,0 +1,214 @@
+"""The training loop: data -> jitted step on the mesh -> logs, evals, checkpoints, export.
+
+`train(cfg)` runs a `TrainConfig` to its last optimizer update, resuming from
+the newest checkpoint in `cfg.checkpoint_dir` when there is one (params,
+optimizer state, step and data position are restored; the run continues as if
+it had never stopped). Logs one JSON object per line to `cfg.log_file`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import jax
+
+from jblip import sharding
+from train import build
+from train import trainable as tr
+from train.checkpoint import Checkpointer
+from train.config import TrainConfig
+from train.data import BatchStream, Encoder, read_jsonl
+from train.evaluate import Evaluator
+from train.optim import make_optimizer
+from train.state import Placement, init_state
+from train.step import make_train_step
+
+
+class JsonlLog:
+    def __init__(self, path: str | None):
+        self.file = None
+        if path and jax.process_index() == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a")
+
+    def write(self, record: dict):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled or jax.process_index() != 0:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def global_batch(batch: dict, placement: Placement, global_size: int) -> dict:
+    """This host's rows -> global arrays sharded over the mesh's batch axes."""
+    if placement.mesh is None:
+        return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    target = placement.batch(global_size)
+    return {k: jax.make_array_from_process_local_data(target, v, (global_size,) + v.shape[1:])
+            for k, v in batch.items()}
+
+
+def make_mesh(spec: str):
+    """The run's mesh; a spec without -1 that needs fewer devices than there are uses the first ones."""
+    devices = jax.devices()
+    if "-1" not in spec:
+        needed = math.prod(_fixed_sizes(spec))
+        if needed > len(devices):
+            raise ValueError(f"mesh {spec!r} needs {needed} devices, {len(devices)} are available")
+        devices = devices[:needed]
+    return sharding.make_mesh(spec, devices)
+
+
+def _fixed_sizes(spec: str):
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            yield int(value)
+        except ValueError:
+            raise ValueError(f"bad mesh spec {spec!r}: {part!r} is not <axis>=<size>") from None
+
+
+def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
+    """Run the job; returns the last logged metrics (train and eval).
+
+    `stop_after` ends the run after that many optimizer updates *in this call*
+    without a final checkpoint, as if the process were killed there (tests).
+    """
+    cfg.check()
+    mesh = make_mesh(cfg.mesh) if mesh is None else mesh
+    config, params = build.load_params(cfg, mesh)
+    tokenizer, qformer_tokenizer = build.load_tokenizers(cfg, config)
+    layout = build.text_layout(cfg, config, qformer_tokenizer)
+    image_size = cfg.image_size or config.vision.image_size
+    encoder = Encoder(layout, tokenizer, qformer_tokenizer)
+
+    trainable, frozen = tr.split(params, cfg.trainable)
+    del params
+    tx = make_optimizer(cfg.optim)
+    placement = Placement(config, cfg.trainable, tx, mesh)
+    state = placement.put_state(init_state(trainable, tx))
+    frozen = placement.put_frozen(frozen)
+
+    stream = BatchStream(read_jsonl(cfg.train_data, cfg.image_root), encoder, cfg.batch_size, image_size,
+                         seed=cfg.seed, train=cfg.augment)
+    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
+    if checkpointer and checkpointer.latest_step() is not None:
+        state, data_state, _ = checkpointer.restore(placement.abstract_state(trainable))
+        stream.restore(data_state)
+    del trainable
+
+    accumulate = cfg.optim.accumulate
+    total_micro = cfg.steps * accumulate
+    micro = int(jax.device_get(state.step))
+    step_fn = make_train_step(config, tx, cfg.optim, placement, cfg.batch_size, layout.prepend_queries)
+    evaluator = None
+    if cfg.eval_data:
+        eval_records = read_jsonl(cfg.eval_data, cfg.image_root)[: cfg.eval_max_examples]
+        evaluator = Evaluator(config, layout, encoder, eval_records, cfg, placement, image_size)
+
+    log = JsonlLog(cfg.log_file)
+    log.write(dict(event="start", step=micro // accumulate, micro_step=micro, config=cfg.to_dict(),
+                   trainable_params=tr.count(state.params), frozen_params=tr.count(frozen),
+                   devices=len(mesh.devices.flat) if mesh is not None else 1,
+                   mesh=dict(mesh.shape) if mesh is not None else None))
+    bar = _progress(cfg.steps, micro // accumulate, cfg.progress)
+    last: dict = {}
+    updates_this_call = 0
+    window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+    first = True
+    try:
+        while micro < total_micro:
+            batch = global_batch(next(stream), placement, cfg.batch_size)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, frozen, batch)
+            micro += 1
+            window_examples += cfg.batch_size
+            if first:  # the first call compiles: report it apart from the throughput
+                jax.block_until_ready(metrics)
+                log.write(dict(event="compiled", compile_s=round(time.perf_counter() - t0, 2)))
+                window_start, window_examples, window_tokens, first = time.perf_counter(), 0, 0, False
+            if micro % accumulate:
+                continue
+            update = micro // accumulate
+            updates_this_call += 1
+            if update % cfg.log_every == 0 or update == cfg.steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                window_tokens += int(m.pop("tokens"))
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                last = dict(event="train", step=update, loss=m["loss"], grad_norm=m["grad_norm"], lr=m["lr"],
+                            examples_per_s=round(window_examples / elapsed, 3) if window_examples else None,
+                            time=round(time.time(), 3))
+                log.write(last)
+                window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+            if bar is not None:
+                bar.update(1)
+            if evaluator and cfg.eval_every and update % cfg.eval_every == 0 and update != cfg.steps:
+                last = {**last, **_eval(evaluator, state, frozen, update, log)}
+            if checkpointer and cfg.checkpoint_every and update % cfg.checkpoint_every == 0 and update != cfg.steps:
+                checkpointer.save(state, stream.state())
+            if stop_after is not None and updates_this_call >= stop_after and micro < total_micro:
+                if checkpointer:
+                    checkpointer.wait()
+                return dict(last, stopped=True)
+        if evaluator:
+            last = {**last, **_eval(evaluator, state, frozen, micro // accumulate, log)}
+        if checkpointer:
+            checkpointer.save(state, stream.state(), force=True)
+            checkpointer.wait()
+        if cfg.export_dir:
+            export(cfg, config, tr.merge(state.params, frozen))
+            log.write(dict(event="export", path=cfg.export_dir))
+    finally:
+        if bar is not None:
+            bar.close()
+        if checkpointer:
+            checkpointer.close()
+        log.close()
+    return dict(last, state=state, frozen=frozen, config=config)
+
+
+def _eval(evaluator, state, frozen, update, log) -> dict:
+    result = evaluator.run(state.params, frozen)
+    record = dict(event="eval", step=update, **result)
+    log.write(record)
+    return {f"eval_{k}": v for k, v in result.items()}
+
+
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "preprocessor_config.json", "processor_config.json", "generation_config.json")
+
+
+def export(cfg: TrainConfig, config, params):
+    """The fine-tuned model as a HF-format checkpoint directory (the layout `load_pretrained` reads),
+    with the base model's tokenizer / processor files copied next to it."""
+    from convert.export import export_hf
+    import dataclasses
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text, remat=False))
+    if jax.process_index() == 0:
+        export_hf(config, cfg.export_dir, params=params, overwrite=True)
+        base = cfg.model if os.path.isdir(cfg.model) else None
+        for name in PROCESSOR_FILES:
+            if base and os.path.isfile(os.path.join(base, name)):
+                shutil.copy(os.path.join(base, name), cfg.export_dir)
+        if base and os.path.isdir(os.path.join(base, "qformer_tokenizer")):
+            shutil.copytree(os.path.join(base, "qformer_tokenizer"), os.path.join(cfg.export_dir, "qformer_tokenizer"),
+                            dirs_exist_ok=True)
+

@@ -1,0 +1,97 @@
+"""Jitted train and eval steps.
+
+The step differentiates the trainable subtree only; the frozen params enter
+under `stop_gradient` (so the frozen ViT's output is a constant to autodiff and
+no backward pass runs through it). Everything is traced on global arrays, so
+on a mesh the token-mean loss and the gradient norm are reduced over all
+devices by the partitioner; the jit in/out shardings pin params, optimizer
+state and batch to their places (see `train.state.Placement`).
+
+Batch keys: pixel_values [B,H,W,C], input_ids, attention_mask, labels, and
+optionally qformer_ids, qformer_mask (InstructBLIP), decoder_input_ids (T5).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jblip import sharding
+from jblip.config import ModelConfig
+from jblip.model import BlipModel
+from train import trainable as tr
+from train.loss import lm_loss
+from train.optim import OptimConfig, learning_rate
+from train.state import Placement, TrainState
+
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "qformer_ids", "qformer_mask", "decoder_input_ids")
+
+
+def forward_loss(module: BlipModel, params, batch, prepend_queries: bool):
+    """(mean token loss, scored tokens) of one batch."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+    logits = module.apply({"params": params}, prepend_queries=prepend_queries, **inputs)
+    return lm_loss(logits, batch["labels"], shift=not module.is_encoder_decoder)
+
+
+def loss_and_grads(module: BlipModel, trainable, frozen, batch, prepend_queries: bool):
+    """((loss, count), grads w.r.t. the trainable subtree only)."""
+    def loss_fn(params):
+        full = tr.merge(params, jax.lax.stop_gradient(frozen))
+        return forward_loss(module, full, batch, prepend_queries)
+    return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+
+
+def _jit(fn, placement: Placement | None, in_shardings, out_shardings, donate=()):
+    if placement is None or placement.mesh is None:
+        return jax.jit(fn, donate_argnums=donate)
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate)
+
+    def run(*args):  # activation constraints resolve while tracing, under the mesh's rules
+        with sharding.activation_rules(placement.mesh, placement.rules):
+            return jitted(*args)
+    return run
+
+
+def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, optim: OptimConfig,
+                    placement: Placement | None = None, batch_size: int | None = None,
+                    prepend_queries: bool = False):
+    """`step(state, frozen, batch) -> (state, metrics)`; metrics: loss, grad_norm, lr, tokens.
+
+    `grad_norm` is the global norm of this micro-batch's gradient before clipping.
+    With a `placement` on a mesh, `batch_size` (global) fixes the batch sharding.
+    """
+    module = BlipModel(config)
+
+    def step(state: TrainState, frozen, batch):
+        (loss, count), grads = loss_and_grads(module, state.params, frozen, batch, prepend_queries)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), tokens=count,
+                       lr=learning_rate(optim, state.step))
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    if placement is None or placement.mesh is None:
+        return _jit(step, None, None, None, donate=(0,))
+    if batch_size is None:
+        raise ValueError("make_train_step on a mesh needs the global batch_size (for the batch sharding)")
+    return _jit(step, placement, (placement.state, placement.frozen, placement.batch(batch_size)),
+                (placement.state, placement.replicated), donate=(0,))
+
+
+def make_eval_step(config: ModelConfig, placement: Placement | None = None, batch_size: int | None = None,
+                   prepend_queries: bool = False):
+    """`eval(trainable, frozen, batch) -> (summed token loss, tokens)`: sums, so a held-out
+    set's mean over all its tokens is exact whatever the batching."""
+    module = BlipModel(config)
+
+    def evaluate(trainable, frozen, batch):
+        loss, count = forward_loss(module, tr.merge(trainable, frozen), batch, prepend_queries)
+        return loss * count, count
+
+    if placement is None or placement.mesh is None:
+        return _jit(evaluate, None, None, None)
+    if batch_size is None:
+        raise ValueError("make_eval_step on a mesh needs the global batch_size")
+    return _jit(evaluate, placement, (placement.state.params, placement.frozen, placement.batch(batch_size)),
+                placement.replicated)
