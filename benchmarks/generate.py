@@ -171,6 +171,8 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--repeats", type=int, help="timed calls per case (median is reported)")
     parser.add_argument("--new", type=int, help="new tokens per row")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="CPU cores for both libraries (process affinity + torch threads); default: all")
     parser.add_argument("--cases", help="comma-separated subset of " + ",".join(c[0] for c in CASES))
     args = parser.parse_args(argv)
     shapes = QUICK if args.quick else FULL
@@ -178,11 +180,14 @@ def main(argv=None):
     repeats = args.repeats or shapes["repeats"]
     cases = [c for c in CASES if not args.cases or c[0] in args.cases.split(",")]
 
+    # Pin before JAX and torch start: XLA sizes its thread pool from the affinity mask, and
+    # torch (OpenMP) must not run more threads than cores (oversubscribed barriers stall).
+    threads = args.threads
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
     import jax
     import torch
     import jblip
     from jblip.model import count_params
-    threads = os.cpu_count()
     torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as path:

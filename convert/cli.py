@@ -50,6 +50,7 @@ class Progress:
 
 
 def _hf_source(src: str, args):
+    """-> (config, source, rules) for a HF-layout checkpoint."""
     from convert.fuse import FuseQVBias
     from convert.hf import hf_rules
     from convert.readers import open_checkpoint
@@ -64,45 +65,40 @@ def _hf_source(src: str, args):
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise ValueError(f"no config.json next to {src}; pass --config or --preset")
         config = from_hf_config(folder)
-    source = open_checkpoint(src)
+    source = FuseQVBias(open_checkpoint(src))
     config = untie_if_present(config, source.keys())
-    return config, FuseQVBias(source), source, hf_rules(config), None
-
-
-def _lavis_source(args):
-    from convert.lavis import LavisCheckpoint
-
-    if not (args.config or args.preset):
-        raise ValueError("--lavis needs the model's config: --preset NAME (e.g. instructblip-vicuna-7b) or --config")
-    ckpt = LavisCheckpoint(args.lavis, args.vit, args.llm, args.config or args.preset)
-    return ckpt.config, ckpt, ckpt, ckpt.rules, ckpt
+    return config, source, hf_rules(config)
 
 
 def run(args) -> int:
     from convert.export import LazyParams, export_hf
+    from convert.lavis import LavisCheckpoint
     from jblip.model import abstract_params
 
     if args.lavis:
         if len(args.paths) != 1:
             raise ValueError(f"with --lavis give only DST (got {len(args.paths)} paths: {args.paths})")
-        dst = args.paths[0]
+        if not (args.config or args.preset):
+            raise ValueError("--lavis needs the model's config: --preset NAME (e.g. instructblip-vicuna-7b) "
+                             "or --config")
+        source = LavisCheckpoint(args.lavis, args.vit, args.llm, args.config or args.preset)
+        config, rules = source.config, source.rules
     else:
         if args.vit or args.llm:
             raise ValueError("--vit and --llm only apply together with --lavis MODEL.pth")
         if len(args.paths) != 2:
             raise ValueError(f"expected SRC DST (got {len(args.paths)} paths: {args.paths})")
-        dst = args.paths[1]
-    config, source, closer, rules, lavis = _lavis_source(args) if args.lavis else _hf_source(args.paths[0], args)
+        config, source, rules = _hf_source(args.paths[0], args)
+    dtype = DTYPES[args.dtype]
     try:
         abstract = abstract_params(config)
-        if lavis is not None:
-            _, report = lavis.plan(abstract)
+        if isinstance(source, LavisCheckpoint):
+            _, report = source.plan(abstract)
             print(report)
-        params = LazyParams(source, rules, abstract, DTYPES[args.dtype])
-        summary = export_hf(config, dst, params=params, max_shard_bytes=args.max_shard_size,
-                            dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+        summary = export_hf(config, args.paths[-1], params=LazyParams(source, rules, abstract, dtype),
+                            max_shard_bytes=args.max_shard_size, dtype=dtype, overwrite=args.overwrite,
                             progress=Progress(not args.quiet))
     finally:
-        closer.close()
+        source.close()
     print(summary)
     return 0

@@ -11,6 +11,7 @@ stays bit-exact. Vocab rows padded for a mesh (`sharding.pad_vocab`) are cut off
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -139,6 +140,52 @@ def _prepare_dir(out_dir: str, overwrite: bool) -> None:
         os.remove(os.path.join(out_dir, f))
 
 
+@functools.lru_cache(maxsize=8)
+def param_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """Flat param path -> shape of the (unpadded) model, without allocating."""
+    from jblip.model import abstract_params
+    return {p: tuple(a.shape) for p, a in flatten(abstract_params(config)).items()}
+
+
+def torch_shape_of(transform, shape) -> tuple:
+    """The shape `transform.to_torch` gives a param of `shape`, run on a zero-stride stand-in (no memory)."""
+    stand_in = np.broadcast_to(np.zeros((), np.int8), shape)
+    return tuple(transform.to_torch(stand_in).shape)
+
+
+def export_layout(config: ModelConfig, metas: Mapping[str, tuple[tuple, np.dtype]], dtype=None) -> list[tuple]:
+    """The HF tensors a model's params become, without touching any value.
+
+    metas: param path -> (shape, dtype) as held (vocab rows may be padded). Returns
+    (HF key, torch shape, dtype, param path, rule, model shape) per tensor, in key order.
+    Raises one ConversionError naming every param that cannot be exported.
+    """
+    shapes = param_shapes(config)
+    invert = KeyInverter(hf_rules(config))
+    entries, problems = [], []
+    for path, (have_shape, have_dtype) in metas.items():
+        if path not in shapes:
+            problems.append(f"{path}: not a parameter of this {config.model_type}-{config.family} model")
+            continue
+        hit = invert(path)
+        if hit is None:
+            problems.append(f"{path}: no rule of the HF table produces it")
+            continue
+        key, rule = hit
+        shape = shapes[path]
+        if len(have_shape) != len(shape) or any(h < s for h, s in zip(have_shape, shape)):
+            problems.append(f"{path}: array {tuple(have_shape)} does not fit the model's {shape}")
+            continue
+        out_dtype = np.dtype(dtype if dtype is not None and is_float(have_dtype) else have_dtype)
+        torch_shape = torch_shape_of(rule.transform, shape)
+        entries.append((key, torch_shape, out_dtype, path, rule, shape))
+    problems += [f"{p}: missing from the params" for p in shapes if p not in metas]
+    if problems:
+        raise ConversionError(f"cannot export to HF layout, {len(problems)} problem(s):\n    "
+                              + "\n    ".join(problems[:200]))
+    return sorted(entries, key=lambda e: _natural(e[0]))
+
+
 def export_hf(model_or_config, out_dir: str, params=None, max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
               dtype=None, overwrite: bool = False,
               progress: Callable[[int, int, int], None] | None = None) -> ExportSummary:
@@ -159,35 +206,11 @@ def export_hf(model_or_config, out_dir: str, params=None, max_shard_bytes: int |
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, padded_vocab_size=None))
     dtype = None if dtype is None else np.dtype(dtype)
     flat = params if isinstance(params, LazyParams) else flatten(params)
-
-    from jblip.model import abstract_params
-    shapes = {p: tuple(a.shape) for p, a in flatten(abstract_params(config)).items()}
-    invert = KeyInverter(hf_rules(config))
-    entries, sources, problems = [], {}, []
-    for path in flat:
-        if path not in shapes:
-            problems.append(f"{path}: not a parameter of this {config.model_type}-{config.family} model")
-            continue
-        hit = invert(path)
-        if hit is None:
-            problems.append(f"{path}: no rule of the HF table produces it")
-            continue
-        key, rule = hit
-        have_shape, have_dtype = flat.meta(path) if isinstance(flat, LazyParams) else (
-            tuple(flat[path].shape), np.dtype(flat[path].dtype))
-        shape = shapes[path]
-        if len(have_shape) != len(shape) or any(h < s for h, s in zip(have_shape, shape)):
-            problems.append(f"{path}: array {have_shape} does not fit the model's {shape}")
-            continue
-        out_dtype = dtype if dtype is not None and is_float(have_dtype) else have_dtype
-        torch_shape = tuple(jax.eval_shape(rule.transform.to_torch, jax.ShapeDtypeStruct(shape, out_dtype)).shape)
-        entries.append((key, torch_shape, out_dtype))
-        sources[key] = (path, rule, shape)
-    problems += [f"{p}: missing from the params" for p in shapes if p not in flat]
-    if problems:
-        raise ConversionError(f"cannot export to HF layout, {len(problems)} problem(s):\n    "
-                              + "\n    ".join(problems[:200]))
-    entries.sort(key=lambda e: _natural(e[0]))
+    metas = {p: flat.meta(p) for p in flat} if isinstance(flat, LazyParams) else {
+        p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in flat.items()}
+    entries = export_layout(config, metas, dtype)
+    sources = {key: (path, rule, shape) for key, _, _, path, rule, shape in entries}
+    entries = [e[:3] for e in entries]
 
     done = [0, 0]
 

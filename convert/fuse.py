@@ -50,6 +50,10 @@ class FuseQVBias:
             return self.source.dtype(self._fused[key] + _Q)
         return self.source.dtype(key)
 
+    def close(self):
+        if hasattr(self.source, "close"):
+            self.source.close()
+
     def read(self, key):
         if key not in self._fused:
             return self.source.read(key)

@@ -150,13 +150,11 @@ class LavisCheckpoint(SourceBase):
                     self.files[label] = os.fspath(path)
                     self._renamed.append((label, RenamedSource(open_checkpoint(path), rename)))
             self.merged = MergedSource(self._renamed)
-            if config.family == "llama":  # LAVIS adds [PAD] to Vicuna's 32000 tokens
-                rows = PadRows(self.merged, ["language_model.model.embed_tokens.weight",
-                                             "language_model.lm_head.weight"], config.text.vocab_size)
-            else:
-                rows = PadRows(self.merged, [], 0)
-            self._padded = rows
-            self.source = FuseQVBias(rows)
+            # LAVIS adds [PAD] to Vicuna's 32000 tokens (resize_token_embeddings), so the LLM folder has a row less
+            vocab_keys = ["language_model.model.embed_tokens.weight", "language_model.lm_head.weight"]
+            self._padded = PadRows(self.merged, vocab_keys if config.family == "llama" else [],
+                                   config.text.vocab_size)
+            self.source = FuseQVBias(self._padded)
         except BaseException:
             self.close()
             raise

@@ -79,7 +79,7 @@ class Processor:
                              f"image_token_index={expected}; tokenizer and checkpoint do not belong together")
 
     # ------------------------------------------------------------------ limits
-    def _limits(self, max_length: int | None) -> tuple[int | None, int | None]:
+    def limits(self, max_length: int | None) -> tuple[int | None, int | None]:
         """(language-model prompt limit, Q-Former text limit) in tokens."""
         text_limit = max_length
         model_positions = getattr(self.config.text, "max_position_embeddings", None)
@@ -98,7 +98,8 @@ class Processor:
             return ids
         if not truncation:
             i = too_long[0]
-            cause = "the model allows" if max_length is None or limit < max_length else f"max_length={max_length} allows"
+            by_model = max_length is None or limit < max_length
+            cause = "the model allows" if by_model else f"max_length={max_length} allows"
             raise PromptError(f"prompt {i} is {len(ids[i])} {what} tokens long, more than the {limit} {cause}; "
                               "shorten it, or allow truncation (which keeps its end)")
         if limit <= tokenizer.num_special_tokens:
@@ -128,7 +129,7 @@ class Processor:
         prompts = self._prompts(prompts, batch)
         max_length = self.max_length if max_length == "default" else max_length
         truncation = self.truncation if truncation is None else truncation
-        text_limit, q_limit = self._limits(max_length)
+        text_limit, q_limit = self.limits(max_length)
         ids = self._encode(self.tokenizer, prompts, text_limit, truncation, "language-model", max_length)
         out = self._layout(ids)
         if self.qformer_tokenizer is not None:

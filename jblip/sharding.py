@@ -75,11 +75,14 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vis_channel", None),
     ("vis_pos", None),
     ("vis_norm", None),
-    # Q-Former (~110M params): replicated, its many small matmuls stay local.
-    # (Its cross-attention K/V kernels read the ViT output; that input dim is
-    # named "vis_embed" and follows the ViT. The projection's output dim is the
-    # LLM's "embed".)
-    ("qf_embed", None),
+    # Q-Former (~0.19B params): FSDP only, no tensor parallelism (small matmuls stay
+    # local). Sharded rather than replicated so that "fsdp=N" holds every weight
+    # once across the N devices (on CPU, where devices share host memory, a
+    # replicated Q-Former alone would take 8 x 0.7 GB in float32). Replicate it
+    # with `override_rules(qf_embed=None)`. Its cross-attention K/V kernels read
+    # the ViT output (input dim "vis_embed"); the projection's output dim is the
+    # LLM's "embed".
+    ("qf_embed", "fsdp"),
     ("qf_heads", None),
     ("qf_kv", None),
     ("qf_mlp", None),

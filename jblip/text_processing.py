@@ -7,9 +7,9 @@ for InstructBLIP, `qformer_tokenizer/tokenizer.json` + `tokenizer_config.json`
 `special_tokens_map.json`; both are read.
 
 Special tokens (BOS for Vicuna/OPT, `</s>` appended for T5, [CLS]/[SEP] for BERT)
-come from the post-processor in `tokenizer.json`, except when
-`tokenizer_config.json` states `add_bos_token` / `add_eos_token`: then, as
-transformers does on load, the template is rebuilt from those flags.
+come from the post-processor template in `tokenizer.json`. As in transformers
+5.x, `add_bos_token` / `add_eos_token` in `tokenizer_config.json` are ignored
+when a `tokenizer.json` exists (it is always required here).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import json
 import os
 from contextlib import contextmanager
 
-from tokenizers import Tokenizer, processors
+from tokenizers import Tokenizer
 
 QFORMER_SUBDIR = "qformer_tokenizer"
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
@@ -77,23 +77,7 @@ class TextTokenizer:
         config = {**_read_json(os.path.join(directory, "special_tokens_map.json")),
                   **_read_json(os.path.join(directory, "tokenizer_config.json"))}
         special = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
-        self = cls(tokenizer, special, bool(config.get("clean_up_tokenization_spaces", False)), file)
-        if "add_bos_token" in config or "add_eos_token" in config:
-            self._rebuild_template(bool(config.get("add_bos_token")), bool(config.get("add_eos_token")))
-        return self
-
-    def _rebuild_template(self, add_bos: bool, add_eos: bool):
-        """Template `[bos] $A [eos]` from explicit config flags (a flag naming no known token is off)."""
-        bos = self.special_tokens.get("bos_token") if add_bos else None
-        eos = self.special_tokens.get("eos_token") if add_eos else None
-        bos, eos = (t if self.token_id(t) is not None else None for t in (bos, eos))
-
-        def template(seq: str, type_id: int) -> list[str]:
-            return [f"{bos}:{type_id}"] * bool(bos) + [f"${seq}:{type_id}"] + [f"{eos}:{type_id}"] * bool(eos)
-        special = {t: self.token_id(t) for t in (bos, eos) if t}
-        self.backend.post_processor = processors.TemplateProcessing(
-            single=" ".join(template("A", 0)), pair=" ".join(template("A", 0) + template("B", 1)),
-            special_tokens=list(special.items()))
+        return cls(tokenizer, special, bool(config.get("clean_up_tokenization_spaces", False)), file)
 
     # ------------------------------------------------------------------ ids
     def token_id(self, token: str | None) -> int | None:

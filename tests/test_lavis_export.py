@@ -34,14 +34,15 @@ HF_TO_LAVIS = [
     (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.(\w+)", r"visual_encoder.blocks.\1.attn.proj.\2"),
     (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight", r"visual_encoder.blocks.\1.attn.qkv.weight"),
     (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(.+)", r"visual_encoder.blocks.\1.mlp.\2"),
-    (r"qformer\.embeddings\.layernorm\.(\w+)", r"Qformer.bert.embeddings.LayerNorm.\1"),
+    (r"qformer\.embeddings\.layernorm\.(\w+)", r"Qformer.bert.embeddings.LayerNorm.\1"),  # InstructBLIP
+    (r"qformer\.layernorm\.(\w+)", r"Qformer.bert.embeddings.LayerNorm.\1"),             # BLIP-2
     (r"qformer\.(.+)", r"Qformer.bert.\1"),
     (r"language_projection\.(\w+)", r"llm_proj.\1"),
     (r"query_tokens", "query_tokens"),
 ]
 
 
-def to_lavis(hf_state: dict, vit_layers: int):
+def to_lavis(hf_state: dict, vit_layers: int, projection: str = "llm_proj"):
     """-> (eva_vit_g-style dict, trimmed-checkpoint dict); LLM keys are left out."""
     eva, model = {}, {}
     for key, value in hf_state.items():
@@ -57,6 +58,7 @@ def to_lavis(hf_state: dict, vit_layers: int):
             m = re.fullmatch(pattern, key)
             if m:
                 lavis = m.expand(template).replace("attention.attention.", "attention.self.")
+                lavis = lavis.replace("llm_proj.", projection + ".")
                 break
         else:
             raise AssertionError(f"test renaming misses {key}")
@@ -130,6 +132,29 @@ def test_lavis_set_loads_to_the_hf_logits(vicuna):
     assert "EVA's last block is unused" in text and "overridden by model" in text
 
 
+@pytest.fixture(scope="module")
+def blip2_opt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blip2_opt")
+    hf = tiny_blip2(root / "hf", seed=4)
+    return dict(hf=hf, hf_dir=str(root / "hf"), root=root)
+
+
+def test_lavis_blip2_opt_set_gives_the_hf_params(blip2_opt):
+    """BLIP-2 naming: opt_proj, Qformer embeddings LayerNorm -> qformer.layernorm, no text embeddings."""
+    root = blip2_opt["root"]
+    state = {k: v.detach().clone() for k, v in blip2_opt["hf"].state_dict().items()}
+    eva, model = to_lavis(state, vit_layers=2, projection="opt_proj")
+    model["Qformer.bert.embeddings.word_embeddings.weight"] = torch.zeros(99, 40)  # stage-1 leftover
+    torch.save(eva, root / "eva.pth")
+    torch.save({"model": model}, root / "blip2.pth")
+    blip2_opt["hf"].language_model.save_pretrained(root / "opt")  # safetensors, tied lm_head left out
+    lavis = load_lavis(str(root / "blip2.pth"), str(root / "eva.pth"), str(root / "opt"),
+                       config=from_hf_config(blip2_opt["hf_dir"]))
+    a, b = flatten(lavis.params), flatten(jblip.load_pretrained(blip2_opt["hf_dir"]).params)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert "removed from BLIP-2's Q-Former" in str(lavis.conversion_report)
+
+
 def test_missing_files_are_named_in_one_error(vicuna):
     with pytest.raises(ConversionError) as e:
         load_lavis(vicuna["pth"], None, vicuna["llm"], config=from_hf_config(vicuna["hf_dir"]))
@@ -173,7 +198,7 @@ def hf_logits(hf, pixels, ids, q_ids=None, q_mask=None, dec=None):
         return hf(**kw).logits.numpy()
 
 
-def check_export(model, params, out, cls, dec=None, instruct=True):
+def check_export(model, params, out, cls, dec=None):
     """Export, reload with transformers, compare logits and params; returns max |delta| of the logits."""
     summary = export_hf(model.config, out, params=params, max_shard_bytes="150KB")
     assert len(summary.files) > 3 and os.path.exists(os.path.join(out, "model.safetensors.index.json"))
@@ -181,7 +206,7 @@ def check_export(model, params, out, cls, dec=None, instruct=True):
     assert not any(info.values()), info  # no missing / unexpected / mismatched key
     ours = VisionLanguageModel(model.config, params)
     pixels, q_ids, q_mask, ids = vicuna_inputs()
-    if not instruct:
+    if not model.config.qformer.use_text_input:
         q_ids = q_mask = None
     if dec is not None:
         ids[:, NUM_QUERIES] = 5  # no BOS in T5 encoder inputs
@@ -204,12 +229,10 @@ def test_export_vicuna_loads_in_transformers(vicuna, tmp_path):
     assert written["text_config"]["model_type"] == "llama"
 
 
-def test_export_blip2_opt_and_untied_t5(tmp_path):
+def test_export_blip2_opt_and_untied_t5(blip2_opt, tmp_path):
     from transformers import Blip2ForConditionalGeneration
-    tiny_blip2(tmp_path / "opt", seed=4)
-    model = jblip.load_pretrained(str(tmp_path / "opt"))
-    d_opt = check_export(model, perturbed(model, 2), str(tmp_path / "opt_out"), Blip2ForConditionalGeneration,
-                         instruct=False)
+    model = jblip.load_pretrained(blip2_opt["hf_dir"])
+    d_opt = check_export(model, perturbed(model, 2), str(tmp_path / "opt_out"), Blip2ForConditionalGeneration)
     with open_checkpoint(str(tmp_path / "opt_out")) as src:
         assert "language_model.lm_head.weight" not in src.keys()  # tied: written once, as HF does
 
@@ -222,8 +245,7 @@ def test_export_blip2_opt_and_untied_t5(tmp_path):
     params["llm"]["lm_head"] = {"kernel": np.random.default_rng(4).normal(0, 0.2, (40, 131)).astype(np.float32)}
     untied = VisionLanguageModel(config, params)
     dec = np.array([[0, 5, 9, 11], [0, 7, 7, 1]])
-    d_t5 = check_export(untied, params, str(tmp_path / "t5_out"), Blip2ForConditionalGeneration, dec=dec,
-                        instruct=False)
+    d_t5 = check_export(untied, params, str(tmp_path / "t5_out"), Blip2ForConditionalGeneration, dec=dec)
     print("export: jblip vs transformers logits max |delta|: blip2-opt", d_opt, "blip2-t5 (untied)", d_t5)
     assert d_opt <= 1e-4 and d_t5 <= 1e-4
 
@@ -243,6 +265,20 @@ def test_bfloat16_export_is_bit_exact(vicuna, tmp_path):
             assert ours.dtype == ml_dtypes.bfloat16, key
             assert np.array_equal(ours.view(np.uint16), original[key].view(torch.uint16).numpy()), key
     assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "bfloat16"
+
+
+def test_vocab_rows_padded_for_a_mesh_are_cut_off(vicuna, tmp_path):
+    model = jblip.load_pretrained(vicuna["hf_dir"])
+    text = dataclasses.replace(model.config.text, padded_vocab_size=136)
+    params = jax.tree_util.tree_map(np.asarray, model.params)
+    llm = params["llm"]
+    llm["embed_tokens"]["embedding"] = np.pad(llm["embed_tokens"]["embedding"], ((0, 5), (0, 0)))
+    llm["lm_head"]["kernel"] = np.pad(llm["lm_head"]["kernel"], ((0, 0), (0, 5)))
+    export_hf(dataclasses.replace(model.config, text=text), str(tmp_path), params=params)
+    with open_checkpoint(str(tmp_path)) as ours, open_checkpoint(vicuna["hf_dir"]) as hf:
+        for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+            assert np.array_equal(ours.read(key), hf.read(key)), key
+    assert json.load(open(tmp_path / "config.json"))["text_config"]["vocab_size"] == 131
 
 
 # ------------------------------------------------------------------ the CLI
@@ -281,3 +317,24 @@ def test_convert_cli_bin_and_lavis(vicuna, tmp_path, capsys):
     assert main(["convert", str(src), str(tmp_path / "out")]) == 2  # refuses to overwrite
     err = capsys.readouterr().err
     assert "expected SRC DST" in err and "already holds a checkpoint" in err
+
+
+# ------------------------------------------------------------------ released sizes, no memory
+
+TIED_COPIES = {"language_model.encoder.embed_tokens.weight", "language_model.decoder.embed_tokens.weight"}
+
+
+@pytest.mark.parametrize("name", ["instructblip-vicuna-7b", "blip2-opt-2.7b", "blip2-flan-t5-xl"])
+def test_export_layout_of_released_checkpoints(name):
+    """Export keys and shapes = the HF state dict's, less the tied copies save_pretrained leaves out."""
+    from convert.export import export_layout, param_shapes
+    from jblip.config import preset
+    from tests.test_full_size import KEY_LISTS, REFERENCE, read_keys
+    if not os.path.exists(os.path.join(REFERENCE, KEY_LISTS[name])):
+        pytest.skip("reference key lists not available")
+    config = preset(name)
+    metas = {p: (shape, np.dtype(np.float32)) for p, shape in param_shapes(config).items()}
+    exported = {key: shape for key, shape, *_ in export_layout(config, metas)}
+    reference = read_keys(KEY_LISTS[name])
+    tied = TIED_COPIES | ({"language_model.lm_head.weight"} if config.family == "opt" else set())
+    assert exported == {k: s for k, s in reference.items() if k not in tied}

@@ -114,6 +114,45 @@ def test_token_ids_and_masks_equal_hf_processor(checkpoints, family):
         assert ours["qformer_attention_mask"][short, 0] == 1 and ours["qformer_attention_mask"][short, -1] == 0
 
 
+def test_bos_eos_flags_in_tokenizer_config_are_ignored_like_hf(checkpoints, tmp_path):
+    """Older saves state add_bos_token / add_eos_token in tokenizer_config.json; transformers 5.x
+    ignores them when tokenizer.json exists (its template decides), and so does jblip."""
+    import shutil
+    from transformers import AutoTokenizer
+    from jblip.text_processing import TextTokenizer
+    path, _, _ = checkpoints("vicuna")
+    for flags in ({"add_bos_token": True, "add_eos_token": True}, {"add_bos_token": False}):
+        copy = tmp_path / str(len(flags))
+        shutil.copytree(path, copy)
+        config = json.loads((copy / "tokenizer_config.json").read_text())
+        (copy / "tokenizer_config.json").write_text(json.dumps({**config, **flags}))
+        ref = AutoTokenizer.from_pretrained(str(copy))(MIXED_PROMPTS)["input_ids"]
+        ours = TextTokenizer.from_dir(str(copy)).encode(MIXED_PROMPTS)
+        assert ours == ref, flags
+        assert ours[0][0] == 2 and ours[0][-1] != 2  # BOS from tokenizer.json's template, no EOS
+
+
+def test_decoding_options():
+    from jblip.pipeline import sampler_for
+    from jblip.sampling import SamplerConfig
+
+    class Stub:
+        def default_sampler(self):
+            return SamplerConfig(eos_token_ids=(2,), pad_token_id=0)
+    model = Stub()
+    assert sampler_for(model) == SamplerConfig(eos_token_ids=(2,), pad_token_id=0)
+    lavis = sampler_for(model, "instructblip")
+    assert (lavis.strategy, lavis.num_beams, lavis.repetition_penalty, lavis.eos_token_ids) == ("beam", 5, 1.5, (2,))
+    assert sampler_for(model, num_beams=3).strategy == "beam"
+    sampled = sampler_for(model, "instructblip", do_sample=True, top_p=0.8)
+    assert (sampled.strategy, sampled.num_beams, sampled.top_p) == ("sample", 1, 0.8)
+    assert sampler_for(model, eos_token_ids=7).eos_token_ids == (7,)
+    with pytest.raises(ValueError, match="unknown decoding option"):
+        sampler_for(model, beams=3)
+    with pytest.raises(ValueError, match="unknown decoding preset"):
+        sampler_for(model, "fast")
+
+
 def test_long_instruction_is_cut_from_the_left_like_hf(checkpoints):
     path, _, hf_processor = checkpoints("vicuna")
     long = " ".join(CORPUS[:6])

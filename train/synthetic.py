@@ -1,9 +1,10 @@
 """A synthetic image-instruction dataset: coloured shapes, drawn with Pillow.
 
 Each image shows one filled shape (circle, square or triangle) in one colour
-at a random place and size on a grey background; each record asks either
-"What colour is the shape?" or "What shape is this?", so the model has to read
-the instruction as well as the image. Comes with a word-level tokenizer.json
+at a random place and size on a background of another colour; each record
+asks either "What colour is the shape?" or "What colour is the background?",
+so the answer depends on the instruction as well as the image (both colours
+come from the same palette). Comes with a word-level tokenizer.json
 (`tokenizers`) over its small vocabulary. Used by the tests and `--recipe demo`.
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20),
+           "white": (245, 245, 245)}
 SHAPES = ("circle", "square", "triangle")
-QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is this?"}
+QUESTIONS = {"shape": "What colour is the shape?", "background": "What colour is the background?"}
 # ids 0-3 are special: pad, T5's </s>, LLaMA/OPT's </s> (LAVIS BOS = EOS = 2), unk; then BERT-style markers
 SPECIALS = ("<pad>", "<eos>", "</s>", "<unk>", "[CLS]", "[SEP]")
 
@@ -26,7 +28,6 @@ def vocabulary() -> list[str]:
     for q in QUESTIONS.values():
         words.update(q.replace("?", " ?").split())
     words.update(COLOURS)
-    words.update(SHAPES)
     return list(SPECIALS) + sorted(words)
 
 
@@ -42,8 +43,8 @@ def build_tokenizer():
     return tok
 
 
-def draw(shape: str, colour: str, size: int, rng: np.random.Generator) -> Image.Image:
-    img = Image.new("RGB", (size, size), (128, 128, 128))
+def draw(shape: str, colour: str, background: str, size: int, rng: np.random.Generator) -> Image.Image:
+    img = Image.new("RGB", (size, size), COLOURS[background])
     d = ImageDraw.Draw(img)
     r = rng.uniform(0.22, 0.4) * size
     cx, cy = rng.uniform(r, size - r, 2)
@@ -63,11 +64,11 @@ def write_split(directory: str, name: str, count: int, size: int, rng: np.random
     with open(path, "w") as f:
         for i in range(count):
             shape = SHAPES[rng.integers(len(SHAPES))]
-            colour = list(COLOURS)[rng.integers(len(COLOURS))]
+            colour, background = rng.choice(list(COLOURS), size=2, replace=False)
             image = f"images/{name}_{i:05d}.png"
-            draw(shape, colour, size, rng).save(os.path.join(directory, image))
-            kind = "colour" if rng.random() < 0.5 else "shape"
-            answer = colour if kind == "colour" else shape
+            draw(shape, colour, background, size, rng).save(os.path.join(directory, image))
+            kind = "shape" if rng.random() < 0.5 else "background"
+            answer = str(colour if kind == "shape" else background)
             f.write(json.dumps({"image": image, "text_input": QUESTIONS[kind], "text_output": answer}) + "\n")
     return path
 

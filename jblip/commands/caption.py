@@ -104,7 +104,11 @@ class Progress:
         took = time.perf_counter() - self.start
         text = (f"caption: {'interrupted: ' if interrupted else ''}captioned {self.done} images in {took:.1f} s "
                 f"({self.rate():.2f} images/s); {self.skipped} already in {out}; {self.bad} unreadable")
-        return text + ("; run the same command again to continue" if interrupted or self.bad else "")
+        if interrupted:
+            text += "; run the same command again to continue"
+        elif self.bad:
+            text += " (not written; the next run retries them)"
+        return text
 
 
 def _load(processor, path):

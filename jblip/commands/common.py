@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from jblip.processing import DEFAULT_MAX_LENGTH
 from jblip.sampling import PRESETS
@@ -31,7 +32,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser):
     g.add_argument("--length-penalty", type=float)
     g.add_argument("--seed", type=int, default=0, help="random seed for --sample")
     g.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
-                   help=f"longest prompt in tokens (default {DEFAULT_MAX_LENGTH}, as LAVIS); longer ones keep their end")
+                   help=f"longest prompt in tokens (default {DEFAULT_MAX_LENGTH}, as LAVIS); "
+                        "longer ones keep their end")
     g.add_argument("--no-truncation", action="store_true",
                    help="reject prompts longer than --max-length instead of cutting them")
 
@@ -44,6 +46,8 @@ def decoding_options(args) -> dict:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.sample:
+        if (args.num_beams or 1) > 1:
+            raise ValueError("--sample and --beams cannot be combined (beam sampling is not supported)")
         options["do_sample"] = True
     return options
 
@@ -55,9 +59,21 @@ def checkpoint_path(args) -> str:
     return _resolve_path(resolve_model(args.model))
 
 
+def enable_compilation_cache():
+    """Keep compiled XLA programs on disk, so the next run of a command with the same model and
+    shapes skips compilation (seconds for tiny models, minutes for large ones). The folder is
+    $JBLIP_CACHE_DIR (default ~/.cache/jblip/xla); JBLIP_CACHE_DIR="" turns this off."""
+    import jax
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.environ.get("JBLIP_CACHE_DIR", os.path.join(base, "jblip", "xla"))
+    if folder and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", folder)
+
+
 def load_model(path: str, args, processor=None):
     """The weights at `path`, at --precision; `processor` (already built) is kept with the model."""
     from jblip.pretrained import load_pretrained
+    enable_compilation_cache()
     model = load_pretrained(path, precision=args.precision)
     if processor is not None:
         model._jblip_processor = processor

@@ -1,6 +1,8 @@
 """`jblip generate --model M --image IMG --prompt TEXT [decoding options]`: print the answer."""
 from __future__ import annotations
 
+import sys
+
 from jblip.commands.common import (add_decoding_arguments, add_model_arguments, checkpoint_path, decoding_options,
                                    load_model)
 
@@ -24,6 +26,11 @@ def run(args) -> int:
     processor = Processor.from_pretrained(path)
     options = decoding_options(args)
     processor.text_inputs(args.prompt, 1, options["max_length"], options["truncation"])
+    limit, _ = processor.limits(options["max_length"])
+    length = len(processor.tokenizer.encode([args.prompt])[0])
+    if limit is not None and length > limit:
+        print(f"generate: note: the prompt is {length} tokens, cut to {limit} keeping its end "
+              "(--max-length to change, --no-truncation to refuse)", file=sys.stderr)
     model = load_model(path, args, processor)
     for text in answer(model, [image], args.prompt, processor=processor, **options):
         print(text)

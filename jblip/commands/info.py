@@ -60,7 +60,8 @@ def describe(config) -> list[tuple[str, str]]:
         ("vision", f"EVA ViT: {v.num_layers} layers, width {v.hidden_size}, {v.num_heads} heads, "
                    f"patch {v.patch_size}, image {v.image_size}x{v.image_size} -> {tokens} tokens"),
         ("Q-Former", f"{q.num_layers} layers, width {q.hidden_size}, {q.num_heads} heads, "
-                     f"{config.num_query_tokens} queries, reads the instruction: {'yes' if q.use_text_input else 'no'}"),
+                     f"{config.num_query_tokens} queries, "
+                     f"reads the instruction: {'yes' if q.use_text_input else 'no'}"),
         ("projection", f"{q.hidden_size} -> {t.hidden_size}"),
         ("language model", lm),
     ]

@@ -1,0 +1,167 @@
+"""Sharded loading: peak host memory and time to load a ~2 GB checkpoint onto 8 CPU devices.
+
+    python benchmarks/load.py [--size-gb 2] [--dir /tmp/jblip_load_bench] [--mesh fsdp=8] [--keep]
+
+1. Writes a random InstructBLIP-Vicuna checkpoint in the HF layout (config.json,
+   model-0000k-of-0000n.safetensors shards, model.safetensors.index.json): a
+   ViT-g width vision tower (4 layers), the full Q-Former, and a LLaMA (width
+   2048, vocab 32001) with as many layers as fill `--size-gb` in float32. The
+   writer holds one shard (<= 512 MB) at a time.
+2. In a fresh process with 8 emulated CPU devices, `load_pretrained(dir, mesh=...)`
+   and reports the peak resident memory (ru_maxrss, which includes the loaded
+   params: on CPU, device memory is host memory) against the checkpoint size.
+
+Peak memory is the loader process's VmHWM (its own high-water mark; the writer
+and this driver run in other processes, so nothing of theirs is counted). It
+runs twice: with the default rules (every weight split over fsdp) and with the
+Q-Former replicated (`override_rules(qf_embed=None)`: on 8 CPU "devices" that
+holds it 8 times, which shows why the default shards it).
+The goal is peak RSS <= 1.3x the checkpoint size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARD_BYTES = 512 * 2**20
+VISION = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=4, num_attention_heads=16,
+              patch_size=14, image_size=224, qkv_bias=True)
+LLAMA = dict(model_type="llama", vocab_size=32001, hidden_size=2048, intermediate_size=5504,
+             num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
+             bos_token_id=2, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def _hf_config(layers: int):
+    from transformers import InstructBlipConfig
+    return InstructBlipConfig(vision_config=VISION, qformer_config=dict(encoder_hidden_size=1408),
+                              text_config=dict(LLAMA, num_hidden_layers=layers), num_query_tokens=32)
+
+
+def _shapes(config) -> dict[str, tuple]:
+    """HF state-dict keys and shapes, from a model built on the meta device (no memory)."""
+    import torch
+    from transformers import InstructBlipForConditionalGeneration
+    with torch.device("meta"):
+        model = InstructBlipForConditionalGeneration(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def write_checkpoint(path: str, size_gb: float) -> int:
+    """Random float32 weights in the HF sharded safetensors layout; returns the bytes written."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    fixed = sum(int(np.prod(s)) for s in _shapes(_hf_config(0)).values())
+    d, f = LLAMA["hidden_size"], LLAMA["intermediate_size"]
+    per_layer = 4 * d * d + 3 * d * f + 2 * d
+    layers = max(1, round((size_gb * 2**30 / 4 - fixed) / per_layer))
+    config = _hf_config(layers)
+    shapes = _shapes(config)
+    os.makedirs(path, exist_ok=True)
+    config.save_pretrained(path)
+
+    groups, current, size = [], [], 0
+    for key, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * 4
+        if current and size + nbytes > SHARD_BYTES:
+            groups.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += nbytes
+    groups.append(current)
+
+    rng = np.random.default_rng(0)
+    weight_map, total = {}, 0
+    for i, keys in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {k: (rng.standard_normal(shapes[k], dtype=np.float32) * 0.02) for k in keys}
+        save_file(tensors, os.path.join(path, name))
+        total += sum(t.nbytes for t in tensors.values())
+        weight_map.update(dict.fromkeys(keys, name))
+        del tensors
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=1)
+    print(f"wrote {total / 2**30:.2f} GiB in {len(groups)} shards: LLaMA {layers} layers, "
+          f"{sum(int(np.prod(s)) for s in shapes.values()) / 1e6:.0f}M params", flush=True)
+    return total
+
+
+def _rss_gib() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in GiB (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as fh:
+        fields = dict(line.split(":", 1) for line in fh if line.startswith(("VmRSS", "VmHWM")))
+    return tuple(int(fields[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))
+
+
+def load_and_measure(path: str, spec: str, replicate_qformer: bool):
+    """Runs in the fresh subprocess: import, load onto the mesh, print one JSON line."""
+    import jax
+    import jblip
+    from jblip import sharding
+    _, base_peak = _rss_gib()
+    rules = sharding.override_rules(qf_embed=None) if replicate_qformer else None
+    mesh = sharding.make_mesh(spec)
+    start = time.perf_counter()
+    model = jblip.load_pretrained(path, mesh=mesh, rules=rules)
+    jax.block_until_ready(model.params)
+    seconds = time.perf_counter() - start
+    current, peak = _rss_gib()
+    held = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(model.params) for s in x.addressable_shards)
+    print(json.dumps(dict(load_s=seconds, peak_rss_gib=peak, rss_after_gib=current, rss_before_load_gib=base_peak,
+                          device_bytes_gib=held / 2**30,
+                          ru_maxrss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))
+
+
+def _child(*flags, env=None) -> str:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *flags], env=env, capture_output=True,
+                         text=True, timeout=3600)
+    if out.returncode:
+        sys.exit(f"{flags[0]} failed:\n{out.stderr[-4000:]}")
+    *notes, last = out.stdout.strip().splitlines()
+    for line in notes:
+        print(line, flush=True)
+    return last
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gb", type=float, default=2.0)
+    parser.add_argument("--dir", default="/tmp/jblip_load_bench")
+    parser.add_argument("--mesh", default="fsdp=8")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+    parser.add_argument("--_load", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--_write", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--_replicate_qformer", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._load:
+        return load_and_measure(args.dir, args.mesh, args._replicate_qformer)
+    if args._write:
+        return print(write_checkpoint(args.dir, args.size_gb))
+
+    try:
+        ckpt = int(_child("--_write", "--dir", args.dir, "--size-gb", str(args.size_gb))) / 2**30
+        print(f"checkpoint {ckpt:.2f} GiB (float32) in {args.dir}", flush=True)
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+               "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+        for replicate in (False, True):
+            flags = ["--_load", "--dir", args.dir, "--mesh", args.mesh] + (["--_replicate_qformer"] if replicate else [])
+            r = json.loads(_child(*flags, env=env))
+            label = "qformer replicated" if replicate else "default rules     "
+            print(f"load {label} mesh={args.mesh} checkpoint={ckpt:.2f}GiB peak_rss={r['peak_rss_gib']:.2f}GiB "
+                  f"ratio={r['peak_rss_gib'] / ckpt:.2f} (goal <= 1.3) load_s={r['load_s']:.1f} "
+                  f"rss_before_load={r['rss_before_load_gib']:.2f}GiB params_on_devices={r['device_bytes_gib']:.2f}GiB",
+                  flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
