@@ -5,6 +5,7 @@ import functools
 import os
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +39,12 @@ def check_token_ids(ids, vocab: int, what: str):
         raise InputError(f"{what} holds ids outside the vocabulary [0, {vocab}): min {ids.min()}, max {ids.max()}")
 
 
+@functools.lru_cache(maxsize=4)
+def _boxed_abstract(config: ModelConfig):
+    """Param shapes with logical axis names (one eval_shape per config, shared by loader and model)."""
+    return abstract_params(config, boxed=True)
+
+
 def _placed(value, target, abstract):
     """`value` on `target` sharding (zero-padded to the abstract shape); no-op if already there."""
     if isinstance(value, jax.Array) and value.sharding == target and value.shape == abstract.shape:
@@ -57,8 +64,9 @@ class VisionLanguageModel:
         self.param_shardings = None
         if mesh is not None:
             config = sharding.pad_vocab(config, mesh, self.rules)
-            self.param_shardings = sharding.param_shardings(abstract_params(config, boxed=True), mesh, self.rules)
-            params = jax.tree_util.tree_map(_placed, params, self.param_shardings, abstract_params(config))
+            boxed = _boxed_abstract(config)
+            self.param_shardings = sharding.param_shardings(boxed, mesh, self.rules)
+            params = jax.tree_util.tree_map(_placed, params, self.param_shardings, nn.unbox(boxed))
         self.config = config
         self.params = params
         self.module = BlipModel(config)
@@ -286,8 +294,9 @@ def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
         if mesh is not None:
             rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
             config = sharding.pad_vocab(config, mesh, rules)
-            targets = flatten(sharding.param_shardings(abstract_params(config, boxed=True), mesh, rules))
-            shapes = flatten(abstract_params(config))  # padded where the vocab is
+            boxed = _boxed_abstract(config)
+            targets = flatten(sharding.param_shardings(boxed, mesh, rules))
+            shapes = flatten(nn.unbox(boxed))  # padded where the vocab is
             place = lambda path, x: sharding.place(x, targets[path], shapes[path].shape)
         params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=place, progress=progress)
     return VisionLanguageModel(config, params, path, mesh=mesh, rules=rules)

@@ -116,6 +116,8 @@ def _load(processor, path):
         return processor.image_processor.preprocess_one(path, path), None
     except (ValueError, OSError) as e:
         return None, str(e)
+    except Exception as e:  # a decoder failing in an unexpected way must not stop a long run either
+        return None, f"cannot read image {path}: {type(e).__name__}: {e}"
 
 
 def run(args) -> int:
