@@ -151,7 +151,8 @@ def main():
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
                "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
         for replicate in (False, True):
-            flags = ["--_load", "--dir", args.dir, "--mesh", args.mesh] + (["--_replicate_qformer"] if replicate else [])
+            flags = ["--_load", "--dir", args.dir, "--mesh", args.mesh]
+            flags += ["--_replicate_qformer"] if replicate else []
             r = json.loads(_child(*flags, env=env))
             label = "qformer replicated" if replicate else "default rules     "
             print(f"load {label} mesh={args.mesh} checkpoint={ckpt:.2f}GiB peak_rss={r['peak_rss_gib']:.2f}GiB "

@@ -70,7 +70,7 @@ def start(module: BlipModel, params, embeds, mask, max_new: int, dtype):
     positions = positions_from_mask(mask)
     key_mask = jnp.concatenate([mask.astype(bool), jnp.zeros((B, max_new), bool)], axis=1)
     cache = init_cache(config.text, B, P + max_new, dtype)
-    logits, cache = _llm_call(module, params, lambda llm, e, p, k, c: llm(e, p, k, c, 0),
+    logits, cache = _llm_call(module, params, lambda llm, e, p, k, c: llm(e, p, k, c, 0, last_logits_only=True),
                               embeds, positions, key_mask, cache)
     next_position = jnp.sum(mask, axis=-1).astype(jnp.int32)
     return logits[:, -1], LMState(cache, key_mask, next_position, jnp.int32(P)), None

@@ -122,6 +122,24 @@ def attention(q, k, v, bias=None, scale: float | None = None, dtype=jnp.float32)
     return jnp.einsum("BNTS,BSNH->BTNH", probs, v.astype(dtype))
 
 
+def attention_heads_major(q, k, v, bias=None, scale: float | None = None, dtype=jnp.float32):
+    """`attention` with k/v laid out [B,N,S,H] (the KV-cache layout of the decoders).
+
+    Both contractions then read k/v in place; with [B,S,N,H] XLA transposes the
+    whole cache on every decode step (measured on CPU: 7-90 ms/step at batch 5-8).
+    q: [B,T,N,H]; returns [B,T,N,H].
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("BTNH,BNSH->BNTS", q, k).astype(jnp.float32)
+    if scale != 1.0:
+        scores = scores * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("BNTS,BNSH->BTNH", probs, v.astype(dtype))
+
+
 def mask_to_bias(mask):
     """Boolean mask (True = attend) -> additive float32 bias."""
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)

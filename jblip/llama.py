@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jblip.config import LlamaConfig
-from jblip.layers import Embed, LayerNorm, Linear, activation, attention, causal_bias
+from jblip.layers import Embed, LayerNorm, Linear, activation, attention_heads_major, causal_bias
 
 Dtype = jnp.dtype
 
@@ -35,14 +35,16 @@ def apply_rope(x, cos, sin):
 
 
 def write_cache(layer_cache, k, v, cache_index):
-    """Write k/v [B,T,N,H] at slot `cache_index`; returns the new cache and full K/V."""
-    ck = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
-    cv = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
+    """Write heads-major k/v [B,K,T,H] at slot `cache_index`; returns the new cache and full K/V."""
+    ck = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=2)
+    cv = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=2)
     return {"k": ck, "v": cv}, ck, cv
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32):
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    """Zero KV cache: per layer {"k", "v"} of [B, kv_heads, max_len, H] (heads-major: decode
+    steps read it without transposing, see `attention_heads_major`)."""
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
 
 
@@ -60,12 +62,13 @@ class LlamaAttention(nn.Module):
         k = Linear((D,), (K, H), ("embed", "kv_heads", "kv"), name="k_proj", **dense)(x)
         v = Linear((D,), (K, H), ("embed", "kv_heads", "kv"), name="v_proj", **dense)(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B,K,T,H], the cache layout
         new_cache = None
         if layer_cache is not None:
             new_cache, k, v = write_cache(layer_cache, k, v, cache_index)
         if K != N:  # grouped-query attention: share each kv head across N/K query heads
-            k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
-        out = attention(q, k.astype(self.dtype), v, bias, dtype=self.dtype)
+            k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
+        out = attention_heads_major(q, k.astype(self.dtype), v, bias, dtype=self.dtype)
         out = Linear((N, H), (D,), ("heads", "kv", "embed"), name="o_proj", **dense)(out)
         return out, new_cache
 
@@ -125,9 +128,10 @@ class LlamaModel(nn.Module):
         """Token ids in, logits out (also the method to `init` the standalone LM with)."""
         return self(self.embed(ids), positions, key_mask, cache, cache_index)
 
-    def __call__(self, embeds, positions, key_mask, cache=None, cache_index=0):
+    def __call__(self, embeds, positions, key_mask, cache=None, cache_index=0, last_logits_only: bool = False):
         """embeds [B,T,D]; positions [B,T] RoPE positions; key_mask [B,S] valid key slots
-        (S = T without a cache, the cache length with one). Returns (logits fp32 [B,T,V], cache)."""
+        (S = T without a cache, the cache length with one). Returns (logits fp32 [B,T,V], cache).
+        `last_logits_only`: logits of the last position only, [B,1,V] (prefill needs no more)."""
         c = self.config
         B, T = embeds.shape[:2]
         slots = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
@@ -138,6 +142,8 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, cos, sin, bias, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
+        if last_logits_only:  # skip the vocabulary projection of every other position
+            x = x[:, -1:]
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if c.tie_word_embeddings else self.lm_head(x)
         logits = logits[..., : c.vocab_size]  # drop rows padded for sharding (no-op otherwise)

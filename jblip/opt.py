@@ -136,10 +136,11 @@ class OPTModel(nn.Module):
         """Token ids in, logits out (also the method to `init` the standalone LM with)."""
         return self(self.embed(ids), positions, key_mask, cache, cache_index)
 
-    def __call__(self, embeds, positions, key_mask, cache=None, cache_index=0):
+    def __call__(self, embeds, positions, key_mask, cache=None, cache_index=0, last_logits_only: bool = False):
         """embeds [B,T,word_embed_proj_dim]; positions [B,T] 0-based (pads: -1); key_mask [B,S]
         valid key slots (S = T without a cache, the cache length with one).
-        Returns (logits fp32 [B,T,V], new cache or None)."""
+        Returns (logits fp32 [B,T,V], new cache or None).
+        `last_logits_only`: logits of the last position only, [B,1,V] (prefill needs no more)."""
         c = self.config
         B, T = embeds.shape[:2]
         self._check_inputs(embeds, positions, key_mask, cache)
@@ -154,6 +155,8 @@ class OPTModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, bias, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
+        if last_logits_only:  # skip the vocabulary projection of every other position
+            x = x[:, -1:]
         if c.do_layer_norm_before:
             x = self.final_layer_norm(x)
         if c.word_embed_proj_dim != c.hidden_size:

@@ -95,7 +95,8 @@ class VisionLanguageModel:
         def put(v):
             if v is None or (isinstance(v, jax.Array) and v.sharding == target):
                 return v
-            return sharding.place(np.asarray(v), target)
+            v = np.asarray(v)
+            return sharding.place(v.astype(jax.dtypes.canonicalize_dtype(v.dtype), copy=False), target)
         return {k: put(v) for k, v in inputs.items()}
 
     def sharding_context(self):

@@ -22,16 +22,24 @@ Dimensions that do not divide their mesh axes:
   * activations: XLA accepts uneven constraints (it pads internally), e.g. the
     257 ViT tokens or a batch of 3; nothing to do.
 
-Recipes (spec strings for `make_mesh`):
-  one accelerator            "data=1,fsdp=1,tensor=1"
-  8 GPUs / TPU v4-8, v5e-8   "fsdp=8" (13B in bf16: ~3.3 GB of weights per chip) or
-                             "fsdp=4,tensor=2" (lower latency decoding)
-  many hosts                 jax.distributed.initialize() on every host, then e.g.
-                             "data=<hosts>,fsdp=-1": jax.devices() spans all processes.
+Recipes (spec strings for `make_mesh`; weights per device at bf16 from the
+param counts, `per_device_bytes`):
+  one accelerator     "fsdp=1"             InstructBLIP-Vicuna-13B: 26.4 GiB, 7B: 14.7 GiB
+  TPU v4-8 (4 chips)  "fsdp=4"             13B: 6.6 GiB per chip
+  8 GPUs / TPU v5e-8  "fsdp=8"             13B: 3.3 GiB per device; or "fsdp=4,tensor=2"
+                                           (3.35 GiB, fewer all-gathers per decode step)
+  many hosts          jax.distributed.initialize() on every host, then e.g.
+                      "data=<hosts>,fsdp=-1" (jax.devices() spans all processes):
+                      params split within a host, replicated across hosts.
+
+Loading (`jblip.load_pretrained(path, mesh=...)`) places each tensor as it is
+read: one host tensor alive at a time. On many hosts every process reads each
+tensor (one at a time) and keeps only the slices its own devices hold.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Mapping, Sequence
 
@@ -51,7 +59,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("length", None),
     ("act_embed", None),
     ("act_mlp", "tensor"),
-    # KV cache [B, S, N, H] = ("batch", "cache_length", "kv_heads", "kv"): see CACHE_AXES
+    # KV cache: batch split like activations, heads like the K/V kernels (CACHE_AXES)
     ("cache_length", None),
     # language models (LLaMA, OPT, T5): FSDP over the model width, tensor parallel
     # over heads, MLP width and vocabulary (vocab padded at load time to divide it)
@@ -92,7 +100,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("qf_queries", None),
 )
 
-CACHE_AXES = ("batch", "cache_length", "kv_heads", "kv")
+CACHE_AXES = ("batch", "cache_length", "kv_heads", "kv")               # cache [B, S, N, H]
+CACHE_AXES_HEADS_MAJOR = ("batch", "kv_heads", "cache_length", "kv")   # cache [B, N, S, H]
 LOGITS_AXES = ("batch", "length", "vocab")
 
 Rules = Sequence[tuple[str, "str | tuple[str, ...] | None"]]
@@ -230,9 +239,10 @@ def batch_spec(batch: int, mesh, rules: Rules = LOGICAL_RULES) -> P:
     return spec_for((batch,), ("batch",), mesh, rules)
 
 
-def cache_shardings(cache, mesh: Mesh, rules: Rules = LOGICAL_RULES):
-    """Shardings for a KV cache tree whose leaves are [B, S, N, H] (`CACHE_AXES`)."""
-    return jax.tree_util.tree_map(lambda x: logical_to_sharding(x.shape, CACHE_AXES, mesh, rules), cache)
+def cache_shardings(cache, mesh: Mesh, rules: Rules = LOGICAL_RULES, axes: Sequence[str] = CACHE_AXES):
+    """Shardings for a KV cache tree (leaves [B, S, N, H]; pass `axes=CACHE_AXES_HEADS_MAJOR`
+    for a [B, N, S, H] cache), e.g. for `jax.lax.with_sharding_constraint` in a decode loop."""
+    return jax.tree_util.tree_map(lambda x: logical_to_sharding(x.shape, axes, mesh, rules), cache)
 
 
 @contextlib.contextmanager
@@ -259,7 +269,6 @@ def vocab_multiple(mesh, rules: Rules = LOGICAL_RULES) -> int:
 def pad_vocab(config, mesh, rules: Rules = LOGICAL_RULES):
     """The ModelConfig with `text.padded_vocab_size` set so the LM's embedding/head rows divide
     the mesh axes "vocab" is split over (None when no padding is needed). Idempotent."""
-    import dataclasses
     text = config.text
     m = vocab_multiple(mesh, rules)
     rows = -(-text.vocab_size // m) * m

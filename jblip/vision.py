@@ -115,7 +115,8 @@ class VisionBlock(nn.Module):
         norm = dict(eps=cfg.layer_norm_eps, axis_name="vis_norm", **kw)
         x = x + VisionAttention(cfg, **kw, name="self_attn")(LayerNorm(**norm, name="layer_norm1")(x))
         x = x + VisionMLP(cfg, **kw, name="mlp")(LayerNorm(**norm, name="layer_norm2")(x))
-        return x
+        # block boundary: batch-split, width replicated (a no-op without jblip.sharding.activation_rules)
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
 
 class VisionTransformer(nn.Module):

@@ -48,6 +48,7 @@ class TrainConfig:
     image_size: int | None = None         # default: the vision tower's
     augment: bool = True                  # random resized crop + flip on the training images
     eval_every: int = 0                   # optimizer updates; 0: only at the end (if eval_data)
+    eval_at_start: bool = False           # also evaluate the model before training (the baseline)
     eval_batch_size: int = 8
     eval_max_examples: int | None = None
     max_new_tokens: int = 10

@@ -84,6 +84,22 @@ def _fixed_sizes(spec: str):
             raise ValueError(f"bad mesh spec {spec!r}: {part!r} is not <axis>=<size>") from None
 
 
+_STEPS: dict = {}
+
+
+def _step_for(config, cfg: TrainConfig, mesh, prepend_queries: bool):
+    """(optimizer, placement, jitted step), reused by later runs in this process with the same
+    model, optimizer, mesh and batch (a resumed run then does not compile again)."""
+    key = (config, cfg.optim, tuple(tr.set_prefixes(cfg.trainable)), mesh, cfg.batch_size, prepend_queries)
+    if key not in _STEPS:
+        tx = make_optimizer(cfg.optim)
+        placement = Placement(config, cfg.trainable, tx, mesh)
+        step_fn = make_train_step(config, tx, cfg.optim, placement, cfg.batch_size, prepend_queries)
+        _STEPS.clear()  # keep one: compiled programs hold memory
+        _STEPS[key] = (tx, placement, step_fn)
+    return _STEPS[key]
+
+
 def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     """Run the job; returns the last logged metrics (train and eval).
 
@@ -100,8 +116,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
 
     trainable, frozen = tr.split(params, cfg.trainable)
     del params
-    tx = make_optimizer(cfg.optim)
-    placement = Placement(config, cfg.trainable, tx, mesh)
+    tx, placement, step_fn = _step_for(config, cfg, mesh, layout.prepend_queries)
     state = placement.put_state(init_state(trainable, tx))
     frozen = placement.put_frozen(frozen)
 
@@ -116,7 +131,6 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     accumulate = cfg.optim.accumulate
     total_micro = cfg.steps * accumulate
     micro = int(jax.device_get(state.step))
-    step_fn = make_train_step(config, tx, cfg.optim, placement, cfg.batch_size, layout.prepend_queries)
     evaluator = None
     if cfg.eval_data:
         eval_records = read_jsonl(cfg.eval_data, cfg.image_root)[: cfg.eval_max_examples]
@@ -127,6 +141,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
                    trainable_params=tr.count(state.params), frozen_params=tr.count(frozen),
                    devices=len(mesh.devices.flat) if mesh is not None else 1,
                    mesh=dict(mesh.shape) if mesh is not None else None))
+    if evaluator and cfg.eval_at_start and micro == 0:
+        last = _eval(evaluator, state, frozen, 0, log)
     bar = _progress(cfg.steps, micro // accumulate, cfg.progress)
     last: dict = {}
     updates_this_call = 0

@@ -67,7 +67,7 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, optim
         (loss, count), grads = loss_and_grads(module, state.params, frozen, batch, prepend_queries)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), tokens=count,
+        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), tokens=count,
                        lr=learning_rate(optim, state.step))
         return TrainState(state.step + 1, params, opt_state), metrics
 

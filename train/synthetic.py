@@ -1,10 +1,9 @@
 """A synthetic image-instruction dataset: coloured shapes, drawn with Pillow.
 
 Each image shows one filled shape (circle, square or triangle) in one colour
-at a random place and size on a background of another colour; each record
+at a random place and size on a black, grey or white background; each record
 asks either "What colour is the shape?" or "What colour is the background?",
-so the answer depends on the instruction as well as the image (both colours
-come from the same palette). Comes with a word-level tokenizer.json
+so the answer depends on the instruction as well as the image. Comes with a word-level tokenizer.json
 (`tokenizers`) over its small vocabulary. Used by the tests and `--recipe demo`.
 """
 from __future__ import annotations
@@ -15,8 +14,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20),
-           "white": (245, 245, 245)}
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
+BACKGROUNDS = {"black": (15, 15, 15), "grey": (128, 128, 128), "white": (245, 245, 245)}
 SHAPES = ("circle", "square", "triangle")
 QUESTIONS = {"shape": "What colour is the shape?", "background": "What colour is the background?"}
 # ids 0-3 are special: pad, T5's </s>, LLaMA/OPT's </s> (LAVIS BOS = EOS = 2), unk; then BERT-style markers
@@ -28,6 +27,7 @@ def vocabulary() -> list[str]:
     for q in QUESTIONS.values():
         words.update(q.replace("?", " ?").split())
     words.update(COLOURS)
+    words.update(BACKGROUNDS)
     return list(SPECIALS) + sorted(words)
 
 
@@ -44,7 +44,7 @@ def build_tokenizer():
 
 
 def draw(shape: str, colour: str, background: str, size: int, rng: np.random.Generator) -> Image.Image:
-    img = Image.new("RGB", (size, size), COLOURS[background])
+    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
     d = ImageDraw.Draw(img)
     r = rng.uniform(0.22, 0.4) * size
     cx, cy = rng.uniform(r, size - r, 2)
@@ -64,7 +64,8 @@ def write_split(directory: str, name: str, count: int, size: int, rng: np.random
     with open(path, "w") as f:
         for i in range(count):
             shape = SHAPES[rng.integers(len(SHAPES))]
-            colour, background = rng.choice(list(COLOURS), size=2, replace=False)
+            colour = list(COLOURS)[rng.integers(len(COLOURS))]
+            background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
             image = f"images/{name}_{i:05d}.png"
             draw(shape, colour, background, size, rng).save(os.path.join(directory, image))
             kind = "shape" if rng.random() < 0.5 else "background"
