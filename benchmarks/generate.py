@@ -1,6 +1,6 @@
 """Decoding speed: jblip against HF `generate` on the same random InstructBLIP-Vicuna model.
 
-    python benchmarks/generate.py [--quick] [--json results.json]
+    python benchmarks/generate.py [--quick] [--threads N] [--json results.json]
 
 Builds a ~100M-parameter InstructBLIP-Vicuna-shaped model with random weights
 (224 px ViT, 32 queries, Q-Former, LLaMA 8 layers x 512, vocab 32001, the
@@ -10,6 +10,11 @@ and exactly `--new` new tokens (min_new_tokens = max_new_tokens, so EOS never
 stops a row). Per case: warm-up (jblip's first call includes compilation,
 reported separately), then the median of `--repeats` calls, jblip and HF
 interleaved so that machine noise hits both alike.
+
+`--threads N` pins the process to N cores (both libraries; default all). On a
+shared machine use fewer threads than idle cores: PyTorch's OpenMP barriers
+stall badly when a thread is preempted (measured here: HF's per-step time grew
+5-8x from 1 to 2 threads on 2 busy cores), which flatters jblip.
 
 Batch 1 also gets a roofline: a decode step must read every LLM weight it
 uses (all but the input-embedding table, of which one row is gathered) plus

@@ -123,10 +123,11 @@ def attention(q, k, v, bias=None, scale: float | None = None, dtype=jnp.float32)
 
 
 def attention_heads_major(q, k, v, bias=None, scale: float | None = None, dtype=jnp.float32):
-    """`attention` with k/v laid out [B,N,S,H] (the KV-cache layout of the decoders).
+    """`attention` with k/v laid out [B,N,S,H] (the KV-cache layout of `jblip.llama`).
 
-    Both contractions then read k/v in place; with [B,S,N,H] XLA transposes the
-    whole cache on every decode step (measured on CPU: 7-90 ms/step at batch 5-8).
+    Both contractions then read k/v in place; with [B,S,N,H] XLA copies a transposed
+    cache on every decode step (CPU, 8 layers x 8 heads x 64, 128 slots, batch 5:
+    7 ms per step against 0.6 ms here; batch 8 with 512 slots: 91 ms against 6 ms).
     q: [B,T,N,H]; returns [B,T,N,H].
     """
     if scale is None:

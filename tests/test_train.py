@@ -13,14 +13,15 @@ from convert.fuse import FuseQVBias
 from convert.hf import hf_rules
 from convert.rules import DictSource, convert_params, flatten
 from jblip.config import PRESETS
-from jblip.model import abstract_params, init_params
+from jblip.model import abstract_params
 from tests.hf_models import TINY_T5, tiny_blip2, tiny_instructblip
 from train import trainable as tr
+from train.build import initial_params
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
 from train.labels import TextLayout, collate, encode_example
 from train.loop import make_mesh, train
-from train.optim import OptimConfig, make_optimizer
+from train.optim import OptimConfig, decays, make_optimizer
 from train.state import Placement, init_state
 from train.step import loss_and_grads, make_train_step
 from train.synthetic import make_dataset
@@ -99,7 +100,7 @@ OPTIM = OptimConfig(lr=1e-3, warmup_lr=0.0, warmup_steps=2, total_steps=5, clip_
 
 
 def run_steps(mesh, trainable_set, batches, steps=5):
-    params = init_params(TINY, seed=3)
+    params = initial_params(TINY, 3)
     trainable, frozen = tr.split(params, trainable_set)
     tx = make_optimizer(OPTIM)
     placement = Placement(TINY, trainable_set, tx, mesh)
@@ -146,9 +147,15 @@ def test_frozen_params_unchanged_and_have_no_optimizer_state(sharded_runs):
         after = jax.device_get(run["frozen"])
         same = jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b), after, run["frozen_before"])
         assert all(jax.tree_util.tree_leaves(same)) and set(after) == {"vision"}
-        moved = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b),
-                                       jax.device_get(run["state"].params), run["initial"])
-        assert all(jax.tree_util.tree_leaves(moved))  # every trainable param was updated
+        moved = flatten(jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b),
+                                               jax.device_get(run["state"].params), run["initial"]))
+        # every trainable param was updated, except the last Q-Former layer's text FFN biases and
+        # norm: only query outputs leave the Q-Former, so that FFN gets no gradient (as in HF);
+        # its kernels still move by weight decay
+        last = f"qformer/layers_{TINY.qformer.num_layers - 1}/text_ffn"
+        initial = flatten(run["initial"])
+        assert {k for k, v in moved.items() if not v} == {k for k in moved
+                                                         if k.startswith(last) and not decays(k, initial[k])}
         # optimizer moments exist for trainable params only
         mu = run["state"].opt_state[1][0].mu
         assert set(flatten(mu)) == set(flatten(run["initial"]))

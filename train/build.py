@@ -16,12 +16,32 @@ import numpy as np
 
 from jblip import sharding
 from jblip.config import PRESETS, ModelConfig, Precision, from_hf_config, untie_if_present
-from jblip.model import abstract_params, init_params
+from jblip.model import abstract_params
 from train import trainable as tr
 from train.config import TrainConfig
 from train.data import Tokenizer
 from train.labels import TextLayout
 from train.state import frozen_dtypes
+
+
+def initial_params(config: ModelConfig, seed: int = 0):
+    """Random params for a preset (demos, tests): N(0, 0.02) weights, unit norm scales, zero biases.
+
+    Drawn with numpy from the abstract shapes: compiling Flax's init (hundreds
+    of threefry draws) costs far more than these tiny models' training steps.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path: str, leaf):
+        name = path.rsplit("/", 1)[-1]
+        if name == "scale":
+            value = np.ones(leaf.shape)
+        elif name == "bias":
+            value = np.zeros(leaf.shape)
+        else:
+            value = rng.normal(0.0, 0.02, leaf.shape)
+        return jnp.asarray(value.astype(leaf.dtype))
+    return tr.map_with_path(draw, abstract_params(config))
 
 
 def training_precision(name: str) -> Precision:
@@ -46,7 +66,7 @@ def load_params(cfg: TrainConfig, mesh, rules=None):
     precision = training_precision(cfg.precision)
     if cfg.model in PRESETS:  # random init: demos and tests
         config = PRESETS[cfg.model].with_precision(precision)
-        params = init_params(config, cfg.init_seed)  # unpadded, so the values do not depend on the mesh
+        params = initial_params(config, cfg.init_seed)  # unpadded, so the values do not depend on the mesh
         params = jax.tree_util.tree_map(lambda x, a: x.astype(a.dtype), params,
                                         _storage_dtypes(config, cfg.trainable))
         if mesh is not None:

@@ -86,6 +86,10 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
 
 @dataclass
 class Encoder:

@@ -53,6 +53,8 @@ class Evaluator:
     def answers_match(self, generated: list[int], reference: list[int]) -> bool:
         tok = self.encoder.tokenizer
         if tok is not None:
+            if any(t >= tok.vocab_size for t in generated):  # ids the tokenizer would silently drop
+                return False
             return _normalise(tok.decode(generated)) == _normalise(tok.decode(reference))
         return list(generated) == list(reference)
 
