@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jblip import kv_cache
 from jblip.config import LlamaConfig
 from jblip.layers import Embed, LayerNorm, Linear, activation, attention_heads_major, causal_bias
 
@@ -34,18 +35,8 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
-def write_cache(layer_cache, k, v, cache_index):
-    """Write heads-major k/v [B,K,T,H] at slot `cache_index`; returns the new cache and full K/V."""
-    ck = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=2)
-    cv = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=2)
-    return {"k": ck, "v": cv}, ck, cv
-
-
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32):
-    """Zero KV cache: per layer {"k", "v"} of [B, kv_heads, max_len, H] (heads-major: decode
-    steps read it without transposing, see `attention_heads_major`)."""
-    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
+    return kv_cache.init(config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim, dtype)
 
 
 class LlamaAttention(nn.Module):
@@ -62,10 +53,12 @@ class LlamaAttention(nn.Module):
         k = Linear((D,), (K, H), ("embed", "kv_heads", "kv"), name="k_proj", **dense)(x)
         v = Linear((D,), (K, H), ("embed", "kv_heads", "kv"), name="v_proj", **dense)(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B,K,T,H], the cache layout
         new_cache = None
         if layer_cache is not None:
-            new_cache, k, v = write_cache(layer_cache, k, v, cache_index)
+            new_cache = kv_cache.write(layer_cache, k, v, cache_index)
+            k, v = new_cache["k"], new_cache["v"]
+        else:
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # heads-major like the cache
         if K != N:  # grouped-query attention: share each kv head across N/K query heads
             k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
         out = attention_heads_major(q, k.astype(self.dtype), v, bias, dtype=self.dtype)

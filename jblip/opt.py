@@ -23,24 +23,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jblip import kv_cache
 from jblip.config import OPTConfig
-from jblip.layers import Embed, LayerNorm, Linear, activation, attention, causal_bias
+from jblip.layers import Embed, LayerNorm, Linear, activation, attention, attention_heads_major, causal_bias
 
 Dtype = jnp.dtype
 POSITION_OFFSET = 2  # fairseq legacy: rows 0 and 1 of the position table precede position 0
 
 
 def init_cache(config: OPTConfig, batch: int, max_len: int, dtype=jnp.float32):
-    """Zero KV cache: one {"k", "v"} dict of [B, max_len, N, H] per layer."""
-    shape = (batch, max_len, config.num_heads, config.head_dim)
-    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
-
-
-def _write_cache(layer_cache, k, v, cache_index):
-    """Store k/v [B,T,N,H] from slot `cache_index`; returns the new cache and the full K/V buffers."""
-    ck = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
-    cv = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
-    return {"k": ck, "v": cv}, ck, cv
+    return kv_cache.init(config.num_layers, batch, config.num_heads, max_len, config.head_dim, dtype)
 
 
 class OPTAttention(nn.Module):
@@ -58,9 +50,12 @@ class OPTAttention(nn.Module):
         k = Linear((D,), (N, H), ("embed", "heads", "kv"), name="k_proj", **dense)(x)
         v = Linear((D,), (N, H), ("embed", "heads", "kv"), name="v_proj", **dense)(x)
         new_cache = None
-        if layer_cache is not None:
-            new_cache, k, v = _write_cache(layer_cache, k, v, cache_index)
-        out = attention(q, k.astype(self.dtype), v, bias, scale=1.0, dtype=self.dtype)
+        if layer_cache is None:
+            out = attention(q, k, v, bias, scale=1.0, dtype=self.dtype)
+        else:
+            new_cache = kv_cache.write(layer_cache, k, v, cache_index)
+            out = attention_heads_major(q, new_cache["k"].astype(self.dtype), new_cache["v"], bias,
+                                        scale=1.0, dtype=self.dtype)
         out = Linear((N, H), (D,), ("heads", "kv", "embed"), name="out_proj", **dense)(out)
         return out, new_cache
 
@@ -176,7 +171,7 @@ class OPTModel(nn.Module):
             raise ValueError(f"positions must be [B,T]={embeds.shape[:2]}, got {positions.shape}")
         if cache is not None and len(cache) != c.num_layers:
             raise ValueError(f"cache has {len(cache)} layers, the model {c.num_layers}")
-        keys = embeds.shape[1] if cache is None else cache[0]["k"].shape[1]
+        keys = embeds.shape[1] if cache is None else cache[0]["k"].shape[2]
         if key_mask.shape != (embeds.shape[0], keys):
             raise ValueError(f"key_mask must be [B,S]=({embeds.shape[0]}, {keys}) "
                              f"({'cache length' if cache is not None else 'no cache: S = T'}), got {key_mask.shape}")

@@ -46,6 +46,8 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+
+from jblip import kv_cache
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -100,8 +102,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("qf_queries", None),
 )
 
-CACHE_AXES = ("batch", "cache_length", "kv_heads", "kv")               # cache [B, S, N, H]
-CACHE_AXES_HEADS_MAJOR = ("batch", "kv_heads", "cache_length", "kv")   # cache [B, N, S, H]
+CACHE_AXES = kv_cache.AXES  # cache leaves [B, N, S, H]
 LOGITS_AXES = ("batch", "length", "vocab")
 
 Rules = Sequence[tuple[str, "str | tuple[str, ...] | None"]]
@@ -240,8 +241,8 @@ def batch_spec(batch: int, mesh, rules: Rules = LOGICAL_RULES) -> P:
 
 
 def cache_shardings(cache, mesh: Mesh, rules: Rules = LOGICAL_RULES, axes: Sequence[str] = CACHE_AXES):
-    """Shardings for a KV cache tree (leaves [B, S, N, H]; pass `axes=CACHE_AXES_HEADS_MAJOR`
-    for a [B, N, S, H] cache), e.g. for `jax.lax.with_sharding_constraint` in a decode loop."""
+    """Shardings for a KV cache tree (leaves [B, N, S, H], see jblip.kv_cache), e.g. for
+    `jax.lax.with_sharding_constraint` in a decode loop."""
     return jax.tree_util.tree_map(lambda x: logical_to_sharding(x.shape, axes, mesh, rules), cache)
 
 

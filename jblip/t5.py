@@ -18,9 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jblip import kv_cache
 from jblip.config import T5Config
-from jblip.layers import (Embed, LayerNorm, Linear, activation, attention, causal_bias, init_normal,
-                          key_padding_bias, logical_param)
+from jblip.layers import (Embed, LayerNorm, Linear, activation, attention, attention_heads_major, causal_bias,
+                          init_normal, key_padding_bias, logical_param)
 
 Dtype = jnp.dtype
 
@@ -50,10 +51,8 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
 
 
 def init_cache(config: T5Config, batch: int, max_len: int, dtype=jnp.float32):
-    """Zero decoder self-attention cache: per decoder layer {"k", "v"} of [B, max_len, N, H]."""
-    shape = (batch, max_len, config.num_heads, config.d_kv)
-    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                 for _ in range(config.num_decoder_layers))
+    """Decoder self-attention cache (see jblip.kv_cache)."""
+    return kv_cache.init(config.num_decoder_layers, batch, config.num_heads, max_len, config.d_kv, dtype)
 
 
 class RelativePositionBias(nn.Module):
@@ -94,9 +93,10 @@ class T5Attention(nn.Module):
     def kv(self, x):
         return self.k(x), self.v(x)
 
-    def __call__(self, x, k, v, bias):
-        out = attention(self.q(x), k.astype(self.dtype), v, bias, scale=1.0, dtype=self.dtype)
-        return self.o(out)
+    def __call__(self, x, k, v, bias, heads_major: bool = False):
+        """k/v [B,S,N,H], or [B,N,S,H] (the cache layout) with heads_major."""
+        attend = attention_heads_major if heads_major else attention
+        return self.o(attend(self.q(x), k.astype(self.dtype), v, bias, scale=1.0, dtype=self.dtype))
 
 
 class T5MLP(nn.Module):
@@ -166,12 +166,9 @@ class T5DecoderLayer(nn.Module):
         k, v = self.self_attn.kv(h)
         new_cache = None
         if layer_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                    cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                    cache_index, axis=1)
-            new_cache = {"k": k, "v": v}
-        x = x + self.self_attn(h, k, v, self_bias)
+            new_cache = kv_cache.write(layer_cache, k, v, cache_index)
+            k, v = new_cache["k"], new_cache["v"]
+        x = x + self.self_attn(h, k, v, self_bias, heads_major=layer_cache is not None)
         x = x + self.cross_attn(self.cross_attn_norm(x), cross_k, cross_v, cross_bias)
         x = x + self.mlp(self.mlp_norm(x))
         return _residual(x), new_cache
@@ -215,7 +212,7 @@ class T5Decoder(nn.Module):
         B, T = x.shape[:2]
         # key slot s holds decoder position s (without a cache the keys are the T queries themselves)
         query_positions = cache_index + jnp.arange(T)
-        num_keys = T if cache is None else cache[0]["k"].shape[1]
+        num_keys = T if cache is None else cache[0]["k"].shape[2]
         self_bias = (self.relative_attention_bias(query_positions, jnp.arange(num_keys))
                      + causal_bias(jnp.broadcast_to(query_positions, (B, T)), jnp.ones((B, num_keys), bool)))
         cross_bias = key_padding_bias(enc_mask)
@@ -292,7 +289,7 @@ class T5Model(nn.Module):
         if cache is not None:
             if len(cache) != c.num_decoder_layers:
                 raise ValueError(f"cache has {len(cache)} layers, the decoder has {c.num_decoder_layers}")
-            max_len = cache[0]["k"].shape[1]
+            max_len = cache[0]["k"].shape[2]
             if isinstance(cache_index, int) and not 0 <= cache_index <= max_len - decoder_ids.shape[1]:
                 raise ValueError(f"cache_index {cache_index} + {decoder_ids.shape[1]} new tokens "
                                  f"does not fit a cache of length {max_len}")

@@ -116,7 +116,7 @@ def test_cached_decoding_matches_full_forward():
     delta = np.abs(got - np.asarray(full))[mask.astype(bool)].max()
     print(f"OPT cached vs full forward: max |Δ| = {delta:.2e}")
     assert run._cache_size() == 2  # prefill shape + one decode shape
-    assert len(cache) == text.num_layers and cache[0]["k"].shape == (B, S, text.num_heads, text.head_dim)
+    assert len(cache) == text.num_layers and cache[0]["k"].shape == (B, text.num_heads, S, text.head_dim)
     assert delta <= 1e-5
 
 

@@ -172,7 +172,7 @@ def test_spec_rules():
     assert spec((40, 40), ("qf_embed", "qf_mlp"), mesh, rules) == P(None, None)
     with pytest.raises(ValueError, match="unknown logical axis"):
         sharding.override_rules(qformer=None)
-    assert sharding.spec_for((2, 7, 32, 128), sharding.CACHE_AXES, mesh) == P("data", None, "tensor", None)
+    assert sharding.spec_for((2, 32, 7, 128), sharding.CACHE_AXES, mesh) == P("data", "tensor", None, None)
 
 
 @pytest.mark.parametrize("name", ["instructblip-vicuna-13b", "blip2-opt-2.7b", "instructblip-flan-t5-xl"])

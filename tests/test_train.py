@@ -39,7 +39,7 @@ def token_batch(layout, rng, batch, image_size=28, vocab=120, qvocab=90):
                                rng.integers(4, vocab, rng.integers(1, 5)).tolist(), layout,
                                rng.integers(4, qvocab, rng.integers(1, 9)).tolist())
                 for _ in range(batch)]
-    out = collate(examples, layout)
+    out = collate(examples, layout, lengths=dict(input_ids=32, decoder_input_ids=8, qformer_ids=16))  # one shape
     out["pixel_values"] = rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32)
     return out
 
@@ -217,8 +217,8 @@ def test_tiny_model_learns_colours(shapes, tmp_path):
     """Held-out exact match rises from chance to >= 90% (greedy generation through the eval loop)."""
     cfg = TrainConfig.from_dict(dict(
         model="tiny-instructblip-vicuna", train_data=shapes["train"], eval_data=shapes["eval"],
-        tokenizer=shapes["tokenizer"], trainable="qformer+llm", mesh="data=1", batch_size=32, steps=200,
-        optim=dict(lr=2e-3, warmup_lr=0.0, warmup_steps=20, total_steps=200), augment=False,
+        tokenizer=shapes["tokenizer"], trainable="qformer+llm", mesh="data=1", batch_size=32, steps=300,
+        optim=dict(lr=2e-3, warmup_lr=0.0, warmup_steps=20, total_steps=300), augment=False,
         max_input_len=16, max_output_len=4, max_qformer_len=16, max_new_tokens=3, eval_at_start=True,
         eval_batch_size=64, progress=False, log_file=str(tmp_path / "log.jsonl")))
     result = train(cfg)
