@@ -139,7 +139,7 @@ def collate(examples: list[dict], layout: TextLayout, lengths: dict[str, int] | 
     """Right-pad a list of `encode_example` outputs into int32 arrays.
 
     `lengths` fixes the padded width per key (input_ids, decoder_input_ids,
-    qformer_ids); otherwise each is the batch maximum rounded up to a bucket.
+    qformer_ids, targets); otherwise each is the batch maximum rounded up to a bucket.
     """
     lengths = lengths or {}
     width = lambda key: lengths.get(key) or bucket(max(len(e[key]) for e in examples))
@@ -157,7 +157,25 @@ def collate(examples: list[dict], layout: TextLayout, lengths: dict[str, int] | 
         q = [e["qformer_ids"] for e in examples]
         k = width("qformer_ids")
         batch["qformer_ids"], batch["qformer_mask"] = _pad(q, k, layout.qformer_pad), _mask(q, k)
+    batch.update(scored_targets(batch["labels"], shifted=not layout.encoder_decoder, width=lengths.get("targets")))
     return batch
+
+
+def scored_targets(labels: np.ndarray, shifted: bool, width: int | None = None) -> dict[str, np.ndarray]:
+    """Where the loss looks: `target_positions` [B, K] (label index of each scored token) and
+    `target_labels` [B, K] (IGNORE-padded), K = the most scored tokens of a row, bucketed.
+
+    With these the train step evaluates the LM head only at scored positions (the answer),
+    not over the whole sequence; the loss is the same. Decoder-only LMs never score label 0
+    (nothing predicts it after the shift), as in HF.
+    """
+    first = 1 if shifted else 0
+    rows = [[i for i in range(first, labels.shape[1]) if labels[b, i] != IGNORE] for b in range(labels.shape[0])]
+    k = width or bucket(max([len(r) for r in rows] + [1]))
+    positions = _pad(rows, k, first)
+    return dict(target_positions=positions,
+                target_labels=np.where(_mask(rows, k) == 1, np.take_along_axis(labels, positions, axis=1), IGNORE)
+                .astype(np.int32))
 
 
 def collate_prompts(prompts: list[dict], layout: TextLayout, length: int | None = None) -> dict[str, np.ndarray]:
