@@ -67,8 +67,18 @@ class QFormerConfig:
         return self.hidden_size // self.num_heads
 
 
+class _LanguageModelConfig:
+    """What the three language-model configs share (fields stay in each dataclass)."""
+
+    @property
+    def vocab_rows(self) -> int:
+        """Embedding/head rows: vocab_size, or more when padded to divide the mesh (zero rows,
+        their logits sliced off by the model)."""
+        return self.padded_vocab_size or self.vocab_size
+
+
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(_LanguageModelConfig):
     vocab_size: int = 32001
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -88,18 +98,12 @@ class LlamaConfig:
     remat: bool = False  # training: recompute each block in the backward pass (activation memory)
 
     @property
-    def vocab_rows(self) -> int:
-        """Embedding/head rows: vocab_size, or more when padded to divide the mesh (zero rows,
-        their logits sliced off by the model)."""
-        return self.padded_vocab_size or self.vocab_size
-
-    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
 
 @dataclass(frozen=True)
-class T5Config:
+class T5Config(_LanguageModelConfig):
     vocab_size: int = 32128
     d_model: int = 2048
     d_kv: int = 64
@@ -122,12 +126,6 @@ class T5Config:
     remat: bool = False  # training: recompute each block in the backward pass (activation memory)
 
     @property
-    def vocab_rows(self) -> int:
-        """Embedding/head rows: vocab_size, or more when padded to divide the mesh (zero rows,
-        their logits sliced off by the model)."""
-        return self.padded_vocab_size or self.vocab_size
-
-    @property
     def hidden_size(self) -> int:
         return self.d_model
 
@@ -137,7 +135,7 @@ class T5Config:
 
 
 @dataclass(frozen=True)
-class OPTConfig:
+class OPTConfig(_LanguageModelConfig):
     vocab_size: int = 50272
     hidden_size: int = 2560
     ffn_dim: int = 10240
@@ -155,12 +153,6 @@ class OPTConfig:
     family: str = "opt"
     padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
     remat: bool = False  # training: recompute each block in the backward pass (activation memory)
-
-    @property
-    def vocab_rows(self) -> int:
-        """Embedding/head rows: vocab_size, or more when padded to divide the mesh (zero rows,
-        their logits sliced off by the model)."""
-        return self.padded_vocab_size or self.vocab_size
 
     @property
     def head_dim(self) -> int:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jblip import kv_cache
 from jblip.config import LlamaConfig
-from jblip.layers import Embed, LayerNorm, Linear, activation, attention_heads_major, causal_bias
+from jblip.layers import Embed, LayerNorm, Linear, activation, causal_bias
 
 Dtype = jnp.dtype
 
@@ -61,7 +61,7 @@ class LlamaAttention(nn.Module):
             k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # heads-major like the cache
         if K != N:  # grouped-query attention: share each kv head across N/K query heads
             k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
-        out = attention_heads_major(q, k.astype(self.dtype), v, bias, dtype=self.dtype)
+        out = attention(q, k.astype(self.dtype), v, bias, dtype=self.dtype, heads_major=True)
         out = Linear((N, H), (D,), ("heads", "kv", "embed"), name="o_proj", **dense)(out)
         return out, new_cache
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jblip import kv_cache
 from jblip.config import OPTConfig
-from jblip.layers import Embed, LayerNorm, Linear, activation, attention, attention_heads_major, causal_bias
+from jblip.layers import Embed, LayerNorm, Linear, activation, attention, causal_bias
 
 Dtype = jnp.dtype
 POSITION_OFFSET = 2  # fairseq legacy: rows 0 and 1 of the position table precede position 0
@@ -54,8 +54,8 @@ class OPTAttention(nn.Module):
             out = attention(q, k, v, bias, scale=1.0, dtype=self.dtype)
         else:
             new_cache = kv_cache.write(layer_cache, k, v, cache_index)
-            out = attention_heads_major(q, new_cache["k"].astype(self.dtype), new_cache["v"], bias,
-                                        scale=1.0, dtype=self.dtype)
+            out = attention(q, new_cache["k"].astype(self.dtype), new_cache["v"], bias, scale=1.0,
+                            dtype=self.dtype, heads_major=True)
         out = Linear((N, H), (D,), ("heads", "kv", "embed"), name="out_proj", **dense)(out)
         return out, new_cache
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jblip import kv_cache
 from jblip.config import T5Config
-from jblip.layers import (Embed, LayerNorm, Linear, activation, attention, attention_heads_major, causal_bias,
+from jblip.layers import (Embed, LayerNorm, Linear, activation, attention, causal_bias,
                           init_normal, key_padding_bias, logical_param)
 
 Dtype = jnp.dtype
@@ -95,8 +95,8 @@ class T5Attention(nn.Module):
 
     def __call__(self, x, k, v, bias, heads_major: bool = False):
         """k/v [B,S,N,H], or [B,N,S,H] (the cache layout) with heads_major."""
-        attend = attention_heads_major if heads_major else attention
-        return self.o(attend(self.q(x), k.astype(self.dtype), v, bias, scale=1.0, dtype=self.dtype))
+        return self.o(attention(self.q(x), k.astype(self.dtype), v, bias, scale=1.0, dtype=self.dtype,
+                                heads_major=heads_major))
 
 
 class T5MLP(nn.Module):
