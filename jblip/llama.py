@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jblip import kv_cache
 from jblip.config import LlamaConfig
-from jblip.layers import Embed, LayerNorm, Linear, activation, causal_bias
+from jblip.layers import Embed, LayerNorm, Linear, activation, attention, causal_bias
 
 Dtype = jnp.dtype
 
