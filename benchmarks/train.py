@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.generate import FULL, IMAGE_TOKEN, NUM_QUERIES, QUICK, VOCAB, build_hf_model  # noqa: E402
+from benchmarks.generate import FULL, QUICK, VOCAB, build_hf_model  # noqa: E402
 
 BATCH = 8
 LR, WD, CLIP = 1e-5, 0.05, 1.0

@@ -21,7 +21,7 @@ from train import trainable as tr
 from train.config import TrainConfig
 from train.data import Tokenizer
 from train.labels import TextLayout
-from train.state import frozen_dtypes
+from train.state import TOWER_DTYPE
 
 
 def initial_params(config: ModelConfig, seed: int = 0):
@@ -53,11 +53,12 @@ def training_precision(name: str) -> Precision:
 
 def _storage_dtypes(config: ModelConfig, trainable_set):
     """Abstract params with the dtype each leaf is kept in during training."""
-    abstract = abstract_params(config)
-    trainable, frozen = tr.split(abstract, trainable_set)
-    frozen = frozen_dtypes(frozen, config.precision)
-    as_struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return jax.tree_util.tree_map(as_struct, tr.merge(tr.cast(trainable, jnp.float32), frozen))
+    as_dtype = lambda dtype: (lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype) if jnp.issubdtype(
+        x.dtype, jnp.floating) else x.dtype))
+    trainable, frozen = tr.split(abstract_params(config), trainable_set)
+    frozen = {name: jax.tree_util.tree_map(as_dtype(TOWER_DTYPE.get(name, lambda p: "float32")(config.precision)), sub)
+              for name, sub in frozen.items()}
+    return tr.merge(jax.tree_util.tree_map(as_dtype("float32"), trainable), frozen)
 
 
 def load_params(cfg: TrainConfig, mesh, rules=None):
@@ -94,9 +95,7 @@ def _load_checkpoint(cfg: TrainConfig, mesh, rules, precision):
     from convert.hf import hf_rules
     from convert.readers import open_checkpoint
     from convert.rules import convert_params, flatten
-    from jblip.pretrained import _resolve_path
-
-    path = _resolve_path(cfg.model)
+    path = model_dir(cfg)
     config = from_hf_config(path, name=os.path.basename(os.path.normpath(path))).with_precision(precision)
     with open_checkpoint(path) as source:
         config = untie_if_present(config, source.keys())
@@ -111,6 +110,14 @@ def _load_checkpoint(cfg: TrainConfig, mesh, rules, precision):
     return _with_remat(config, cfg.remat), params
 
 
+def model_dir(cfg: TrainConfig) -> str | None:
+    """The local checkpoint directory (hub ids are fetched), None for a preset."""
+    if cfg.model in PRESETS:
+        return None
+    from jblip.pretrained import _resolve_path
+    return _resolve_path(cfg.model)
+
+
 def load_tokenizers(cfg: TrainConfig, config: ModelConfig):
     """(LM tokenizer, Q-Former tokenizer): from the config's paths, else the model directory.
     None where nothing is found (then the data must carry token ids)."""
@@ -119,15 +126,26 @@ def load_tokenizers(cfg: TrainConfig, config: ModelConfig):
             return None
         file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
         return Tokenizer(file) if os.path.isfile(file) else None
-    model_dir = cfg.model if os.path.isdir(cfg.model) else None
-    lm = find(cfg.tokenizer) or find(model_dir)
+    base = model_dir(cfg)
+    lm = find(cfg.tokenizer) or find(base)
     if cfg.tokenizer and lm is None:
         raise FileNotFoundError(f"tokenizer: no tokenizer.json at {cfg.tokenizer}")
+    if not config.qformer.use_text_input:
+        return lm, None
     qf = find(cfg.qformer_tokenizer)
-    if qf is None and config.qformer.use_text_input:
-        for base in (cfg.tokenizer, model_dir):
-            qf = qf or (find(os.path.join(base, "qformer_tokenizer")) if base and os.path.isdir(base) else None)
-    return lm, qf or lm
+    if cfg.qformer_tokenizer and qf is None:
+        raise FileNotFoundError(f"qformer_tokenizer: no tokenizer.json at {cfg.qformer_tokenizer}")
+    for directory in (cfg.tokenizer, base):
+        if qf is None and directory and os.path.isdir(directory):
+            qf = find(os.path.join(directory, "qformer_tokenizer"))
+    if qf is None and lm is not None:
+        # one shared tokenizer only where its ids fit the Q-Former's vocabulary (small custom vocabularies);
+        # a real LLM tokenizer would feed the BERT Q-Former meaningless ids
+        if lm.vocab_size > config.qformer.vocab_size:
+            raise FileNotFoundError("InstructBLIP needs the Q-Former's BERT tokenizer: set qformer_tokenizer "
+                                    "(a qformer_tokenizer/ folder next to the model is found automatically)")
+        qf = lm
+    return lm, qf
 
 
 def text_layout(cfg: TrainConfig, config: ModelConfig, qformer_tokenizer: Tokenizer | None) -> TextLayout:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 from train.state import TrainState
@@ -29,9 +28,10 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, state: TrainState, data_state: dict, meta: dict | None = None, force: bool = False) -> bool:
-        """Start saving at `state.step` (returns at once when async; see `wait`)."""
-        step = int(jax.device_get(state.step))
+    def save(self, step: int, state: TrainState, data_state: dict, meta: dict | None = None,
+             force: bool = False) -> bool:
+        """Start saving as checkpoint `step` (the loop numbers them by optimizer update); returns
+        at once when async (see `wait`)."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(dict(data_state)),
                                   meta=ocp.args.JsonSave(dict(meta or {})))

@@ -66,8 +66,8 @@ def build_config(args) -> dict:
     flags = dict(model=args.model, train_data=args.train_data, eval_data=args.eval_data, trainable=args.trainable,
                  steps=args.steps, batch_size=args.batch_size, mesh=args.mesh, precision=args.precision)
     d.update({k: v for k, v in flags.items() if v is not None})
-    if args.steps is not None and "total_steps" not in d.get("optim", {}):
-        d.setdefault("optim", {})["total_steps"] = args.steps
+    if args.steps is not None and not any(item.startswith("optim.total_steps=") for item in args.set):
+        d.setdefault("optim", {})["total_steps"] = args.steps  # the schedule follows --steps
     if args.no_progress:
         d["progress"] = False
     if args.output:
@@ -87,7 +87,7 @@ def run(args) -> int:
             print(f"jblip train: writing the synthetic shapes dataset to {data_dir}", file=sys.stderr)
             make_dataset(data_dir)
         d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
-                 tokenizer=os.path.join(data_dir, "tokenizer.json"))
+                 tokenizer=os.path.join(data_dir, "tokenizer"))
     cfg = TrainConfig.from_dict(d)
     from train.loop import train
     result = train(cfg)

@@ -213,6 +213,7 @@ def eval_batches(records: list[dict], encoder: Encoder, batch_size: int, image_s
         pixels = np.stack([images.eval_transform(load_image(r["image"]), image_size) for r in recs])
         batch = collate([encoder.example(r) for r in recs], encoder.layout, lengths)
         batch["labels"][len(real):] = IGNORE  # filler rows do not count in the loss
+        batch["target_labels"][len(real):] = IGNORE
         batch["pixel_values"] = pixels
         prompts = [encoder.prompt(r) for r in recs]
         answers = [encoder.answer(r) for r in recs]

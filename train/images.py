@@ -1,10 +1,12 @@
 """Image transforms of the InstructBLIP recipe (ARCHITECTURE.md §6), NHWC float32 out.
 
 Eval (`blip_image_eval`): bicubic resize to S x S (aspect not kept), /255,
-CLIP mean/std. Train (`blip2_image_train`, the Vicuna recipe): torchvision's
-RandomResizedCrop(S, scale=(0.5, 1.0), ratio=(3/4, 4/3), bicubic), random
-horizontal flip, then the same normalisation. Randomness comes from a numpy
-Generator the caller seeds per example, so a resumed run sees the same crops.
+CLIP mean/std: exactly `jblip.image_processing.ImageProcessor`, the
+preprocessing used at inference. Train (`blip2_image_train`, the Vicuna
+recipe): torchvision's RandomResizedCrop(S, scale=(0.5, 1.0), ratio=(3/4, 4/3),
+bicubic) and a random horizontal flip, then the same resize + normalisation.
+Randomness comes from a numpy Generator the caller seeds per example, so a
+resumed run sees the same crops.
 """
 from __future__ import annotations
 
@@ -13,23 +15,16 @@ import math
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+from jblip.image_processing import ImageProcessor, load_image, to_rgb
 
 
 def load_rgb(path) -> Image.Image:
-    """An image file as RGB (alpha dropped, as LAVIS' `convert("RGB")`)."""
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
-
-def normalize(img: Image.Image) -> np.ndarray:
-    x = np.asarray(img, np.float32) / 255.0
-    return (x - CLIP_MEAN) / CLIP_STD
+    """An image file as RGB (EXIF orientation applied, transparency on white, as at inference)."""
+    return to_rgb(load_image(path))
 
 
 def eval_transform(img: Image.Image, size: int) -> np.ndarray:
-    return normalize(img.convert("RGB").resize((size, size), Image.BICUBIC))
+    return ImageProcessor(size).preprocess_one(img)
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
@@ -59,9 +54,9 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 
 def train_transform(img: Image.Image, size: int, rng: np.random.Generator, scale=(0.5, 1.0),
                     flip: bool = True) -> np.ndarray:
-    img = img.convert("RGB")
+    img = to_rgb(img)
     left, top, w, h = random_resized_crop_box(img.width, img.height, rng, scale)
-    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    img = img.crop((left, top, left + w, top + h))
     if flip and rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return normalize(img)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return ImageProcessor(size).preprocess_one(img)  # bicubic resize of the crop + normalisation

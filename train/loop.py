@@ -52,7 +52,7 @@ def _progress(total: int, initial: int, enabled: bool):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
 
 
 def global_batch(batch: dict, placement: Placement, global_size: int) -> dict:
@@ -120,6 +120,9 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     state = placement.put_state(init_state(trainable, tx))
     frozen = placement.put_frozen(frozen)
 
+    if jax.process_count() > 1 and not any(placement.batch(cfg.batch_size).spec):
+        raise ValueError(f"batch_size {cfg.batch_size} does not split over the mesh's data axes; with several "
+                         "hosts each reads only its share, so the global batch must divide them")
     stream = BatchStream(read_jsonl(cfg.train_data, cfg.image_root), encoder, cfg.batch_size, image_size,
                          seed=cfg.seed, train=cfg.augment)
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
@@ -136,17 +139,18 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
         eval_records = read_jsonl(cfg.eval_data, cfg.image_root)[: cfg.eval_max_examples]
         evaluator = Evaluator(config, layout, encoder, eval_records, cfg, placement, image_size)
 
+    meta = dict(model=cfg.model, trainable=cfg.trainable, config=cfg.to_dict())
     log = JsonlLog(cfg.log_file)
     log.write(dict(event="start", step=micro // accumulate, micro_step=micro, config=cfg.to_dict(),
                    trainable_params=tr.count(state.params), frozen_params=tr.count(frozen),
                    devices=len(mesh.devices.flat) if mesh is not None else 1,
                    mesh=dict(mesh.shape) if mesh is not None else None))
+    last: dict = {}
     if evaluator and cfg.eval_at_start and micro == 0:
         last = _eval(evaluator, state, frozen, 0, log)
     bar = _progress(cfg.steps, micro // accumulate, cfg.progress)
-    last: dict = {}
     updates_this_call = 0
-    window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+    window_start, window_examples = time.perf_counter(), 0
     first = True
     try:
         while micro < total_micro:
@@ -158,36 +162,37 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
             if first:  # the first call compiles: report it apart from the throughput
                 jax.block_until_ready(metrics)
                 log.write(dict(event="compiled", compile_s=round(time.perf_counter() - t0, 2)))
-                window_start, window_examples, window_tokens, first = time.perf_counter(), 0, 0, False
+                window_start, window_examples, first = time.perf_counter(), 0, False
             if micro % accumulate:
                 continue
             update = micro // accumulate
             updates_this_call += 1
             if update % cfg.log_every == 0 or update == cfg.steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                window_tokens += int(m.pop("tokens"))
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 last = dict(event="train", step=update, loss=m["loss"], grad_norm=m["grad_norm"], lr=m["lr"],
+                            scored_tokens=int(m["tokens"]),
                             examples_per_s=round(window_examples / elapsed, 3) if window_examples else None,
                             time=round(time.time(), 3))
                 log.write(last)
-                window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+                window_start, window_examples = time.perf_counter(), 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
             if bar is not None:
                 bar.update(1)
             if evaluator and cfg.eval_every and update % cfg.eval_every == 0 and update != cfg.steps:
                 last = {**last, **_eval(evaluator, state, frozen, update, log)}
+                window_start, window_examples = time.perf_counter(), 0  # eval time is not training time
             if checkpointer and cfg.checkpoint_every and update % cfg.checkpoint_every == 0 and update != cfg.steps:
-                checkpointer.save(state, stream.state())
+                checkpointer.save(update, state, stream.state(), meta)
             if stop_after is not None and updates_this_call >= stop_after and micro < total_micro:
                 if checkpointer:
                     checkpointer.wait()
                 return dict(last, stopped=True)
         if evaluator:
             last = {**last, **_eval(evaluator, state, frozen, micro // accumulate, log)}
-        if checkpointer:
-            checkpointer.save(state, stream.state(), force=True)
+        if checkpointer and micro // accumulate not in checkpointer.all_steps():
+            checkpointer.save(micro // accumulate, state, stream.state(), meta, force=True)
             checkpointer.wait()
         if cfg.export_dir:
             export(cfg, config, tr.merge(state.params, frozen))
@@ -214,17 +219,24 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def export(cfg: TrainConfig, config, params):
     """The fine-tuned model as a HF-format checkpoint directory (the layout `load_pretrained` reads),
-    with the base model's tokenizer / processor files copied next to it."""
-    from convert.export import export_hf
+    with the tokenizer / processor files of the base model (or of `cfg.tokenizer`) next to it."""
     import dataclasses
-    config = dataclasses.replace(config, text=dataclasses.replace(config.text, remat=False))
-    if jax.process_index() == 0:
-        export_hf(config, cfg.export_dir, params=params, overwrite=True)
-        base = cfg.model if os.path.isdir(cfg.model) else None
-        for name in PROCESSOR_FILES:
-            if base and os.path.isfile(os.path.join(base, name)):
-                shutil.copy(os.path.join(base, name), cfg.export_dir)
-        if base and os.path.isdir(os.path.join(base, "qformer_tokenizer")):
-            shutil.copytree(os.path.join(base, "qformer_tokenizer"), os.path.join(cfg.export_dir, "qformer_tokenizer"),
-                            dirs_exist_ok=True)
 
+    from convert.export import export_hf
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text, remat=False))
+    if jax.process_index() != 0:
+        return
+    export_hf(config, cfg.export_dir, params=params, overwrite=True)
+    tokenizer_dir = cfg.tokenizer if cfg.tokenizer and os.path.isdir(cfg.tokenizer) else None
+    for source in filter(None, (build.model_dir(cfg), tokenizer_dir)):
+        if not os.path.isfile(os.path.join(source, "tokenizer.json")):
+            continue
+        for name in PROCESSOR_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copy(os.path.join(source, name), cfg.export_dir)
+        if os.path.isdir(os.path.join(source, "qformer_tokenizer")):
+            shutil.copytree(os.path.join(source, "qformer_tokenizer"),
+                            os.path.join(cfg.export_dir, "qformer_tokenizer"), dirs_exist_ok=True)
+        return
+    if cfg.tokenizer and cfg.tokenizer.endswith(".json"):
+        shutil.copy(cfg.tokenizer, os.path.join(cfg.export_dir, "tokenizer.json"))

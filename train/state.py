@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jblip import sharding
-from jblip.config import ModelConfig, Precision
+from jblip.config import ModelConfig
 from jblip.model import abstract_params
 from train import trainable as tr
 from train.optim import state_shardings
@@ -34,16 +34,10 @@ def init_state(trainable_params, tx: optax.GradientTransformation) -> TrainState
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
-def frozen_dtypes(frozen, precision: Precision):
-    """Frozen params stored in their tower's compute dtype (bf16 towers: half the memory).
-
-    The modules cast weights to the compute dtype before every matmul, so this
-    changes nothing but memory for bf16/fp16 towers (norm scales aside, which
-    are then rounded once) and nothing at all for fp32 ones.
-    """
-    tower_dtype = {"vision": precision.vision, "qformer": precision.qformer,
-                   "projection": precision.qformer, "llm": precision.text}
-    return {name: tr.cast(sub, tower_dtype.get(name, "float32")) for name, sub in frozen.items()}
+# Compute dtype per top-level group: frozen params are stored in it (bf16 towers: half the memory;
+# the modules cast weights to the compute dtype before every matmul anyway).
+TOWER_DTYPE = {"vision": lambda p: p.vision, "qformer": lambda p: p.qformer,
+               "projection": lambda p: p.qformer, "llm": lambda p: p.text}
 
 
 class Placement:

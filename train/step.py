@@ -8,7 +8,8 @@ devices by the partitioner; the jit in/out shardings pin params, optimizer
 state and batch to their places (see `train.state.Placement`).
 
 Batch keys: pixel_values [B,H,W,C], input_ids, attention_mask, labels, and
-optionally qformer_ids, qformer_mask (InstructBLIP), decoder_input_ids (T5).
+optionally qformer_ids, qformer_mask (InstructBLIP), decoder_input_ids (T5),
+target_positions / target_labels (the scored tokens; `labels.collate` adds them).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from jblip import sharding
 from jblip.config import ModelConfig
 from jblip.model import BlipModel
 from train import trainable as tr
-from train.loss import lm_loss
+from train.head import gather_before_head
+from train.loss import lm_loss, token_nll
 from train.optim import OptimConfig, learning_rate
 from train.state import Placement, TrainState
 
@@ -28,9 +30,26 @@ MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "qformer_ids", "q
 
 
 def forward_loss(module: BlipModel, params, batch, prepend_queries: bool):
-    """(mean token loss, scored tokens) of one batch."""
+    """(mean token loss, scored tokens) of one batch.
+
+    With `target_positions` / `target_labels` in the batch (see `labels.scored_targets`)
+    the LM head runs only at the scored positions (`train.head`); the loss is HF's either way.
+    """
     inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-    logits = module.apply({"params": params}, prepend_queries=prepend_queries, **inputs)
+    run = lambda: module.apply({"params": params}, prepend_queries=prepend_queries, **inputs)
+    if "target_positions" in batch:
+        rows = batch["target_positions"]
+        if not module.is_encoder_decoder:  # HF: logits cut to the label length, then shifted by one
+            offset = module.config.num_query_tokens if prepend_queries else 0
+            rows = jnp.maximum(offset + rows - 1, 0)
+        with gather_before_head(module.config.family, rows) as gathered:
+            logits = run()
+        if gathered["applied"]:
+            nll, valid = token_nll(logits, batch["target_labels"])
+            count = jnp.sum(valid)
+            return jnp.sum(nll) / jnp.maximum(count, 1).astype(jnp.float32), count
+    else:
+        logits = run()
     return lm_loss(logits, batch["labels"], shift=not module.is_encoder_decoder)
 
 

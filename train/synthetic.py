@@ -74,11 +74,31 @@ def write_split(directory: str, name: str, count: int, size: int, rng: np.random
     return path
 
 
+def write_tokenizers(directory: str) -> str:
+    """The tokenizer as a HF processor saves it: tokenizer.json + tokenizer_config.json (the LM's:
+    BOS `</s>` added, as LAVIS' Vicuna) and qformer_tokenizer/ ([CLS] text [SEP]), so that the
+    exported model works with `jblip generate` too."""
+    from tokenizers import processors
+    os.makedirs(os.path.join(directory, "qformer_tokenizer"), exist_ok=True)
+    build_tokenizer().save(os.path.join(directory, "tokenizer.json"))
+    lm = dict(bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", add_bos_token=True,
+              add_eos_token=False)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(lm, f, indent=1)
+    qformer = build_tokenizer()
+    ids = {t: i for i, t in enumerate(SPECIALS)}
+    qformer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    qformer.save(os.path.join(directory, "qformer_tokenizer", "tokenizer.json"))
+    with open(os.path.join(directory, "qformer_tokenizer", "tokenizer_config.json"), "w") as f:
+        json.dump(dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="<pad>", unk_token="<unk>"), f, indent=1)
+    return directory
+
+
 def make_dataset(directory: str, train: int = 512, eval: int = 64, size: int = 32, seed: int = 0) -> dict:
-    """Write train.jsonl, eval.jsonl, images/ and tokenizer.json; returns their paths."""
+    """Write train.jsonl, eval.jsonl, images/ and tokenizer/; returns their paths."""
     rng = np.random.default_rng(seed)
-    paths = dict(train=write_split(directory, "train", train, size, rng),
-                 eval=write_split(directory, "eval", eval, size, rng),
-                 tokenizer=os.path.join(directory, "tokenizer.json"))
-    build_tokenizer().save(paths["tokenizer"])
-    return paths
+    return dict(train=write_split(directory, "train", train, size, rng),
+                eval=write_split(directory, "eval", eval, size, rng),
+                tokenizer=write_tokenizers(os.path.join(directory, "tokenizer")))
