@@ -387,6 +387,15 @@ PRESETS: dict[str, ModelConfig] = {
     "blip2-flan-t5-xxl": _preset("blip2-flan-t5-xxl", _T5_XXL, _BLIP2_QFORMER),
 }
 
+# The updated hub files (transformers >= 4.47) use `<image>` placeholders: OPT gained 32 rows
+# (<image> = 50265), Flan-T5 reuses row 32100 of its 32128-row table.
+for _name, _cfg in list(PRESETS.items()):
+    if _cfg.family == "opt":
+        PRESETS[_name + "-hub"] = replace(_cfg, name=_name + "-hub", image_token_index=50265,
+                                          text=replace(_cfg.text, vocab_size=50304))
+    elif _cfg.family == "t5":
+        PRESETS[_name + "-hub"] = replace(_cfg, name=_name + "-hub", image_token_index=32100)
+
 # Tiny shapes for tests: odd widths on purpose (not powers of two).
 TINY_VISION = VisionConfig(hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
                            patch_size=4, image_size=28)

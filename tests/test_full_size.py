@@ -19,6 +19,8 @@ TOTALS = {
     "instructblip-flan-t5-xxl": 12_310_119_168,
     "blip2-opt-2.7b": 3_744_679_936,
     "blip2-opt-6.7b": 7_752_738_304,
+    "blip2-opt-2.7b-hub": 3_744_761_856,
+    "blip2-opt-6.7b-hub": 7_752_869_376,
     "blip2-opt-2.7b-coco": 3_745_271_296,
     "blip2-opt-6.7b-coco": 7_753_329_664,
     "blip2-flan-t5-xl": 3_942_446_592,
