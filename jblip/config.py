@@ -406,6 +406,19 @@ TINY_LLAMA = LlamaConfig(vocab_size=131, hidden_size=56, intermediate_size=96, n
 PRESETS["tiny-instructblip-vicuna"] = ModelConfig(TINY_VISION, TINY_QFORMER, TINY_LLAMA,
                                                   num_query_tokens=6, name="tiny-instructblip-vicuna")
 
+# The bundled demo model's shapes (`jblip train --recipe demo`, trained from random init on the
+# synthetic shapes of `train.synthetic`): 64 px images in 8 px patches, a word-level vocabulary.
+DEMO_VOCAB = 40
+DEMO_VISION = VisionConfig(hidden_size=96, intermediate_size=256, num_layers=4, num_heads=4,
+                           patch_size=8, image_size=64)
+DEMO_QFORMER = QFormerConfig(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256,
+                             cross_attention_frequency=1, encoder_hidden_size=96, vocab_size=DEMO_VOCAB,
+                             max_position_embeddings=32)
+DEMO_LLAMA = LlamaConfig(vocab_size=DEMO_VOCAB, hidden_size=96, intermediate_size=256, num_layers=2,
+                         num_heads=4, num_kv_heads=4, max_position_embeddings=64, pad_token_id=0)
+PRESETS["demo-instructblip-vicuna"] = ModelConfig(DEMO_VISION, DEMO_QFORMER, DEMO_LLAMA, num_query_tokens=8,
+                                                  name="demo-instructblip-vicuna")
+
 
 def preset(name: str) -> ModelConfig:
     try:

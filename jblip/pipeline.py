@@ -21,12 +21,13 @@ _SAMPLER_FIELDS = {f.name for f in dataclasses.fields(SamplerConfig)}
 
 
 def resolve_model(path_or_id: str | None) -> str:
-    """`path_or_id`, or the bundled demo model when None (with a clear error while it is absent)."""
+    """`path_or_id`, or the bundled demo model when None (with a clear error if it is absent)."""
     if path_or_id is not None and os.path.normpath(path_or_id) != os.path.normpath(DEFAULT_MODEL):
         return path_or_id
     if not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")):
-        raise FileNotFoundError(f"demo model not bundled yet (expected at {DEFAULT_MODEL}); "
-                                "pass --model with a checkpoint directory or hub id")
+        raise FileNotFoundError(f"the bundled demo model is missing (expected at {DEFAULT_MODEL}; reinstall "
+                                "jblip or retrain it with `jblip train --recipe demo --export` there); "
+                                "or pass --model with a checkpoint directory or hub id")
     return DEFAULT_MODEL
 
 

@@ -145,4 +145,4 @@ def test_bad_input_gives_one_line_errors(checkpoint, tmp_path, capsys):
     assert "no image files" in error_line(capsys, "caption")
     if not os.path.exists(os.path.join(DEFAULT_MODEL, "config.json")):
         assert main(["generate", "--image", image, "--prompt", "hi"]) == 2
-        assert "demo model not bundled yet" in error_line(capsys, "generate")
+        assert "bundled demo model is missing" in error_line(capsys, "generate")

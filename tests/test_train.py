@@ -269,7 +269,7 @@ def test_tiny_model_learns_colours(shapes, tmp_path):
     """Held-out exact match rises from chance to >= 90% (greedy generation through the eval loop)."""
     cfg = TrainConfig.from_dict(dict(
         model="tiny-instructblip-vicuna", train_data=shapes["train"], eval_data=shapes["eval"],
-        tokenizer=shapes["tokenizer"], trainable="qformer+llm", mesh="data=1", batch_size=32, steps=300,
+        tokenizer=shapes["tokenizer"], trainable="all", init_std=0.1, mesh="data=1", batch_size=32, steps=300,
         optim=dict(lr=2e-3, warmup_lr=0.0, warmup_steps=20, total_steps=300), augment=False,
         max_input_len=16, max_output_len=4, max_qformer_len=16, max_new_tokens=3, eval_at_start=True,
         eval_batch_size=64, progress=False, log_file=str(tmp_path / "log.jsonl")))

@@ -24,8 +24,8 @@ from train.labels import TextLayout
 from train.state import TOWER_DTYPE
 
 
-def initial_params(config: ModelConfig, seed: int = 0):
-    """Random params for a preset (demos, tests): N(0, 0.02) weights, unit norm scales, zero biases.
+def initial_params(config: ModelConfig, seed: int = 0, std: float = 0.02):
+    """Random params for a preset (demos, tests): N(0, std) weights, unit norm scales, zero biases.
 
     Drawn with numpy from the abstract shapes: compiling Flax's init (hundreds
     of threefry draws) costs far more than these tiny models' training steps.
@@ -39,7 +39,7 @@ def initial_params(config: ModelConfig, seed: int = 0):
         elif name == "bias":
             value = np.zeros(leaf.shape)
         else:
-            value = rng.normal(0.0, 0.02, leaf.shape)
+            value = rng.normal(0.0, std, leaf.shape)
         return jnp.asarray(value.astype(leaf.dtype))
     return tr.map_with_path(draw, abstract_params(config))
 
@@ -67,7 +67,8 @@ def load_params(cfg: TrainConfig, mesh, rules=None):
     precision = training_precision(cfg.precision)
     if cfg.model in PRESETS:  # random init: demos and tests
         config = PRESETS[cfg.model].with_precision(precision)
-        params = initial_params(config, cfg.init_seed)  # unpadded, so the values do not depend on the mesh
+        # unpadded, so the values do not depend on the mesh
+        params = initial_params(config, cfg.init_seed, cfg.init_std)
         params = jax.tree_util.tree_map(lambda x, a: x.astype(a.dtype), params,
                                         _storage_dtypes(config, cfg.trainable))
         if mesh is not None:

@@ -1,6 +1,6 @@
 """`jblip train`: fine-tune from a YAML/JSON config, a named recipe, or both.
 
-    jblip train --recipe demo --output runs/demo          # tiny model, synthetic data, ~1 min on a CPU
+    jblip train --recipe demo --output runs/demo --export jblip/assets/demo   # the bundled demo model
     jblip train --config vqa.yaml                         # your model and data (see train/config.py)
     jblip train --recipe instructblip --model DIR --train-data train.jsonl --output runs/x
 
@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--output", metavar="DIR",
                         help="run directory: checkpoints/, log.jsonl and the exported model/ go here "
                              "unless the config names other places")
+    parser.add_argument("--export", metavar="DIR",
+                        help="write the trained model (HF layout) here instead of <output>/model")
     parser.add_argument("--trainable", help="qformer | qformer+llm | all")
     parser.add_argument("--steps", type=int, help="optimizer updates")
     parser.add_argument("--batch-size", type=int, help="global micro-batch size")
@@ -75,17 +77,19 @@ def build_config(args) -> dict:
         d.setdefault("checkpoint_dir", os.path.join(out, "checkpoints"))
         d.setdefault("log_file", os.path.join(out, "log.jsonl"))
         d.setdefault("export_dir", os.path.join(out, "model"))
+    if args.export:
+        d["export_dir"] = os.path.abspath(args.export)
     return d
 
 
 def run(args) -> int:
     d = build_config(args)
     if args.recipe == "demo" and not d.get("train_data"):
-        from train.synthetic import make_dataset
+        from train.synthetic import DEMO_DATA, make_dataset
         data_dir = os.path.join(os.path.abspath(args.output or "jblip-demo"), "data")
         if not os.path.isfile(os.path.join(data_dir, "train.jsonl")):
             print(f"jblip train: writing the synthetic shapes dataset to {data_dir}", file=sys.stderr)
-            make_dataset(data_dir)
+            make_dataset(data_dir, **DEMO_DATA)
         d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
                  tokenizer=os.path.join(data_dir, "tokenizer"))
     cfg = TrainConfig.from_dict(d)

@@ -7,6 +7,7 @@ else as token ids. Generation goes through `VisionLanguageModel.generate`
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -61,7 +62,8 @@ class Evaluator:
     def run(self, trainable, frozen) -> dict:
         model = self._model(tr.merge(trainable, frozen))
         eos = self.layout.eos
-        loss_sum, tokens, correct, total = 0.0, 0, 0, 0
+        loss_sum, tokens, seen = 0.0, 0, 0
+        right, asked = collections.Counter(), collections.Counter()  # per record "kind" (if any)
         for batch, prompts, answers, real in eval_batches(self.records, self.encoder, self.batch_size,
                                                           self.image_size):
             pixels = batch["pixel_values"]
@@ -74,6 +76,12 @@ class Evaluator:
             toks, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
             for i in range(real):
                 gen = [int(t) for t in toks[i, : lengths[i]] if int(t) != eos]
-                correct += self.answers_match(gen, answers[i])
-                total += 1
-        return dict(loss=loss_sum / max(tokens, 1), accuracy=correct / max(total, 1), examples=total)
+                kind = self.records[seen + i].get("kind")
+                right[kind] += self.answers_match(gen, answers[i])
+                asked[kind] += 1
+            seen += real
+        total = sum(asked.values())
+        result = dict(loss=loss_sum / max(tokens, 1), accuracy=sum(right.values()) / max(total, 1), examples=total)
+        if len(asked) > 1:  # a mix of question kinds: how each fares
+            result.update({f"accuracy/{k}": right[k] / asked[k] for k in sorted(asked, key=str)})
+        return result
