@@ -1,6 +1,7 @@
 """Sharded models on 8 emulated CPU devices: same logits and greedy tokens as on one device,
 and the params really are split (shard shapes checked, not only the results)."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
@@ -206,3 +207,20 @@ def test_pad_vocab():
     assert sharding.pad_vocab(padded, {"fsdp": 4, "tensor": 8}) is padded
     opt = sharding.pad_vocab(PRESETS["blip2-opt-2.7b"], {"tensor": 2})
     assert opt.text.padded_vocab_size is None  # 50272 is even
+
+
+def test_kv_cache_is_pinned_to_its_sharding():
+    """Cache leaves [B, N, S, H] come out split batch over data x fsdp and heads over tensor, as
+    the decode loop keeps them (kv_cache pins every write; without rules it is a no-op)."""
+    from jblip import kv_cache
+    mesh = sharding.make_mesh(GENERATE_ON)
+
+    def step(k):
+        cache = kv_cache.init(1, batch=4, heads=6, max_len=8, head_dim=3)
+        return kv_cache.write(cache[0], k, k, 2)["k"]
+
+    k = jnp.ones((4, 1, 6, 3))
+    with sharding.activation_rules(mesh):
+        out = jax.jit(step)(k)
+    assert out.sharding.spec == P(("data", "fsdp"), "tensor")
+    assert jax.jit(step)(k).sharding.is_fully_replicated  # no rules: left to XLA (one device here)
