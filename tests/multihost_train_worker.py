@@ -1,0 +1,28 @@
+"""One process of the multi-process training test (tests/test_multihost.py); not a test module.
+
+usage: python -m tests.multihost_train_worker PROCESS_ID NUM_PROCESSES PORT CONFIG.json
+Joins the others over 127.0.0.1 and runs `train.loop.train` on the config (a mesh spanning every
+process; each process reads only its share of every global batch). Process 0 writes the log.
+"""
+import json
+import sys
+
+import jax
+
+
+def main(process_id: int, num_processes: int, port: int, config_path: str):
+    jax.config.update("jax_default_matmul_precision", "highest")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=120)
+    from train.config import TrainConfig
+    from train.loop import train
+
+    with open(config_path) as f:
+        train(TrainConfig.from_dict(json.load(f)))
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    pid, n, port, config_path = sys.argv[1:]
+    main(int(pid), int(n), int(port), config_path)
