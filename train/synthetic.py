@@ -37,6 +37,7 @@ COLOUR_KINDS = ("colour", "background")  # the small training tests: colours onl
 # stayed at chance on it for 3000 steps (asked alone, it is learnt in about 600).
 DEMO_KINDS = ("colour", "background", "which_shape", "count")
 MULTI_SHAPE_KINDS = ("count",)           # the others show exactly one shape
+NO_QUESTION_MARK = 0.25  # share of questions asked without their "?" (people type them both ways)
 
 # The bundled demo's data (`jblip train --recipe demo`); the demo tests hold out another seed. Shape
 # questions are asked twice as often: a ViT trained from scratch learns shapes far more slowly
@@ -181,6 +182,8 @@ def sample(kinds, size: int, rng: np.random.Generator):
     else:
         scene = single_shape_scene(size, rng, side=_pick(("left", "right"), rng) if kind == "position" else None)
     question, answer = question_for(kind, scene, rng, size)
+    if rng.random() < NO_QUESTION_MARK:
+        question = question.rstrip("?")
     return draw_scene(scene, size), question, answer, kind
 
 
