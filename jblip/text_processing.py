@@ -9,7 +9,9 @@ for InstructBLIP, `qformer_tokenizer/tokenizer.json` + `tokenizer_config.json`
 Special tokens (BOS for Vicuna/OPT, `</s>` appended for T5, [CLS]/[SEP] for BERT)
 come from the post-processor template in `tokenizer.json`. As in transformers
 5.x, `add_bos_token` / `add_eos_token` in `tokenizer_config.json` are ignored
-when a `tokenizer.json` exists (it is always required here).
+when a `tokenizer.json` exists (it is always required here). Also as in
+transformers 5, a LLaMA tokenizer's normalizer / pre-tokenizer / decoder are
+rebuilt rather than read from older files (`_llama_pipeline`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import json
 import os
 from contextlib import contextmanager
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, pre_tokenizers
 
 QFORMER_SUBDIR = "qformer_tokenizer"
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
@@ -76,6 +78,8 @@ class TextTokenizer:
             raise ValueError(f"cannot read {file}: {e}") from None
         config = {**_read_json(os.path.join(directory, "special_tokens_map.json")),
                   **_read_json(os.path.join(directory, "tokenizer_config.json"))}
+        if config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast"):
+            _llama_pipeline(tokenizer, config)
         special = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
         return cls(tokenizer, special, bool(config.get("clean_up_tokenization_spaces", False)), file)
 
@@ -115,6 +119,23 @@ class TextTokenizer:
         if self.clean_up_spaces:
             text = _wordpiece_cleanup(text)
         return text.strip()
+
+
+def _llama_pipeline(tokenizer: Tokenizer, config: dict):
+    """Text -> pieces as transformers 5 does for LLaMA, whatever the file says.
+
+    transformers 5 rebuilds a LLaMA tokenizer around the file's vocabulary and merges: no
+    normalizer, a Metaspace pre-tokenizer. Hub files saved earlier (Vicuna's) carry a
+    sentencepiece-style normalizer (prepend "▁", spaces -> "▁") that tokenizes text starting
+    with a space differently; ids must match the HF processor's, so follow transformers.
+    """
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if add_prefix_space else []))
 
 
 def load_tokenizers(path: str, needs_qformer: bool) -> tuple[TextTokenizer, TextTokenizer | None]:

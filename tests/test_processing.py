@@ -132,6 +132,48 @@ def test_bos_eos_flags_in_tokenizer_config_are_ignored_like_hf(checkpoints, tmp_
         assert ours[0][0] == 2 and ours[0][-1] != 2  # BOS from tokenizer.json's template, no EOS
 
 
+def hub_style_llama_file(directory, legacy: bool):
+    """A LLaMA tokenizer.json as the older hub repos (Vicuna's) carry it: sentencepiece-style
+    normalizer (prepend "▁", spaces -> "▁"), no pre-tokenizer, byte fallback, BOS `</s>`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    spm_like = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.normalizer = spm_like
+    trainer_tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    trainer_tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                                show_progress=False))
+    trained = json.loads(trainer_tok.to_str())["model"]
+    tok = Tokenizer(models.BPE(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]],
+                               unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = spm_like
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    tok.add_special_tokens(specials[:3])
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="LlamaTokenizer", legacy=legacy, bos_token="</s>", eos_token="</s>", unk_token="</s>")))
+    return str(directory)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_hub_style_llama_tokenizer_file_tokenizes_like_transformers(tmp_path, legacy):
+    """transformers 5 rebuilds LLaMA's pre-tokenizer instead of using an old file's normalizer
+    (they differ on text that starts with a space, or follows a special token); jblip follows."""
+    from transformers import AutoTokenizer
+    from jblip.text_processing import TextTokenizer
+    path = hub_style_llama_file(tmp_path / "tok", legacy)
+    texts = ["What colour is the circle?", "  two spaces first", "line one\nline two", "café ☃ 日本",
+             "a </s>b", " </s>x", ""]
+    ref = AutoTokenizer.from_pretrained(path)
+    ours = TextTokenizer.from_dir(path)
+    assert ours.encode(texts) == ref(texts)["input_ids"]
+    assert [ours.decode(ids) for ids in ours.encode(texts)] == [
+        ref.decode(ids, skip_special_tokens=True).strip() for ids in ref(texts)["input_ids"]]
+
+
 def test_decoding_options():
     from jblip.pipeline import sampler_for
     from jblip.sampling import SamplerConfig
