@@ -280,6 +280,24 @@ def test_tiny_model_learns_colours(shapes, tmp_path):
     assert result["eval_accuracy"] >= 0.9
 
 
+def test_demo_stage_one_writes_a_loadable_model_with_a_trained_vit(tmp_path):
+    """`jblip train --recipe demo` starts from train.vision_pretrain.initial_model: the ViT
+    pretrained alone, the rest random, in HF layout with the synthetic tokenizers."""
+    import jblip
+    from train.build import initial_params
+    from train.vision_pretrain import initial_model
+    config = PRESETS["tiny-instructblip-vicuna"]
+    path = initial_model(config, str(tmp_path / "start"), steps=3, log=lambda line: None)
+    model = jblip.load_pretrained(path)
+    fresh = initial_params(config, 0, 0.1)
+    moved = jax.tree_util.tree_map(lambda a, b: not np.allclose(np.asarray(a), np.asarray(b)),
+                                   model.params["vision"], fresh["vision"])
+    kept = jax.tree_util.tree_map(lambda a, b: np.allclose(np.asarray(a), np.asarray(b)),
+                                  model.params["projection"], fresh["projection"])
+    assert any(jax.tree_util.tree_leaves(moved)) and all(jax.tree_util.tree_leaves(kept))
+    assert model.generate_text(np.zeros((28, 28, 3), np.uint8), "What colour is the shape?", max_new_tokens=2)
+
+
 # ----------------------------------------------------------------------------- labels and data order (no compiling)
 
 def test_label_layout_decoder_only_and_t5():

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from jblip.config import PRESETS
 from train.config import RECIPES, TrainConfig, read_config_file, recipe
 
 
@@ -92,6 +93,13 @@ def run(args) -> int:
             make_dataset(data_dir, **DEMO_DATA)
         d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
                  tokenizer=os.path.join(data_dir, "tokenizer"))
+        if d.get("model") in PRESETS:  # stage 1: the ViT alone (train/vision_pretrain.py), then everything
+            from train.vision_pretrain import initial_model
+            start = os.path.join(data_dir, "initial_model")
+            if not os.path.isfile(os.path.join(start, "config.json")):
+                log = lambda line: print(f"jblip train: {line}", file=sys.stderr)
+                initial_model(PRESETS[d["model"]], start, d.get("init_seed", 0), d.get("init_std", 0.1), log)
+            d["model"] = start
     cfg = TrainConfig.from_dict(d)
     from train.loop import train
     result = train(cfg)

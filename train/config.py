@@ -134,13 +134,13 @@ RECIPES: dict[str, dict] = {
         optim=dict(lr=1e-5, warmup_lr=1e-8, min_lr=0.0, warmup_steps=1000, total_steps=60_000,
                    weight_decay=0.05, accumulate=8, clip_norm=1.0),
         max_input_len=128, max_output_len=256, eval_every=3000, checkpoint_every=3000),
-    # The bundled demo model (jblip/assets/demo): the demo preset trained from a random init, every
-    # tower (a random LM has nothing to steer and a random ViT tells shapes apart poorly), on the
-    # synthetic shapes of train.synthetic.DEMO_DATA (written by `jblip train --recipe demo`).
+    # The bundled demo model (jblip/assets/demo): the demo preset from a random init, its ViT first
+    # pretrained alone (train/vision_pretrain.py), then every tower trained on the synthetic
+    # questions of train.synthetic.DEMO_DATA (both written by `jblip train --recipe demo`).
     # init_std 0.1: with BERT's 0.02 at these widths, shape questions stayed at chance for 750 steps.
     "demo": dict(
-        model="demo-instructblip-vicuna", trainable="all", steps=2500, batch_size=64, mesh="data=1",
-        init_std=0.1, optim=dict(lr=1e-3, warmup_lr=0.0, warmup_steps=50, total_steps=2500, weight_decay=0.05),
+        model="demo-instructblip-vicuna", trainable="all", steps=1500, batch_size=64, mesh="data=1",
+        init_std=0.1, optim=dict(lr=1e-3, warmup_lr=0.0, warmup_steps=50, total_steps=1500, weight_decay=0.05),
         max_input_len=16, max_output_len=4, max_qformer_len=16, eval_every=500, eval_at_start=True,
         eval_batch_size=100, max_new_tokens=3, augment=False),
 }
