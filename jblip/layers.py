@@ -153,7 +153,7 @@ def _block_on_cpu(q, k) -> bool:
 
 def _blocked_attention(q, k, v, scale: float, dtype):
     """`_attention_heads_major` without bias, one (batch, head) pair per loop step."""
-    b, n, t, h = q.shape
+    b, n, t, _ = q.shape
     flat = lambda x: x.reshape(b * n, 1, 1, x.shape[2], x.shape[3])
     out = jax.lax.map(lambda qkv: _attention_heads_major(*qkv, None, scale, dtype), (flat(q), flat(k), flat(v)))
     return out.reshape(b, n, t, v.shape[-1])

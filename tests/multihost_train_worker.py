@@ -9,12 +9,11 @@ import sys
 
 import jax
 
+from tests.multihost_worker import join
+
 
 def main(process_id: int, num_processes: int, port: int, config_path: str):
-    jax.config.update("jax_default_matmul_precision", "highest")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=120)
+    join(process_id, num_processes, port)
     from train.config import TrainConfig
     from train.loop import train
 

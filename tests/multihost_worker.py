@@ -23,11 +23,16 @@ def inputs(batch: int = 4, seed: int = 0) -> dict:
                 qformer_attention_mask=np.ones((batch, 5), np.int64))
 
 
-def main(process_id: int, num_processes: int, port: int, checkpoint: str, spec: str, out: str):
+def join(process_id: int, num_processes: int, port: int):
+    """Join the other processes over 127.0.0.1 (CPU collectives through gloo)."""
     jax.config.update("jax_default_matmul_precision", "highest")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
                                process_id=process_id, initialization_timeout=120)
+
+
+def main(process_id: int, num_processes: int, port: int, checkpoint: str, spec: str, out: str):
+    join(process_id, num_processes, port)
     from jax.experimental import multihost_utils
 
     import jblip

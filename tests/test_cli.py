@@ -4,11 +4,9 @@ import json
 import os
 import re
 
-import jax
 import numpy as np
 import pytest
 import torch
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from jblip.cli import main
@@ -19,15 +17,10 @@ NEW = "6"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, private_xla_cache):
     path = str(tmp_path_factory.mktemp("tiny-instructblip"))
     hf, processor = save_checkpoint(path, "vicuna", seed=0)
-    with pytest.MonkeyPatch.context() as patch:  # the commands' compilation cache: not in ~/.cache
-        patch.setenv("JBLIP_CACHE_DIR", str(tmp_path_factory.mktemp("xla-cache")))
-        yield path, hf, processor
-    # the commands turned the process-wide persistent cache on; leave later tests as they were
-    jax.config.update("jax_compilation_cache_dir", None)
-    compilation_cache.reset_cache()
+    return path, hf, processor
 
 
 def write_images(folder, names, seed=0):

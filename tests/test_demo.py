@@ -6,9 +6,7 @@ import collections
 import os
 import re
 
-import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 import jblip
 from jblip.cli import main
@@ -21,16 +19,6 @@ PER_KIND = 50
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")),
                                 reason="demo model not bundled")
-
-
-@pytest.fixture
-def private_xla_cache(tmp_path):
-    """The commands' compilation cache in a temporary folder, not ~/.cache; off again afterwards."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JBLIP_CACHE_DIR", str(tmp_path / "xla-cache"))
-        yield
-    jax.config.update("jax_compilation_cache_dir", None)
-    compilation_cache.reset_cache()
 
 
 def example_rows() -> list[tuple[str, str, str]]:

@@ -39,7 +39,8 @@ class _Classifier(nn.Module):
 def _scenes(count: int, size: int, seed: int):
     rng = np.random.default_rng(seed)
     scenes = [synthetic.single_shape_scene(size, rng, side=("left", "right")[i % 2]) for i in range(count)]
-    pixels = np.stack([ImageProcessor(size).preprocess_one(synthetic.draw_scene(s, size)) for s in scenes])
+    processor = ImageProcessor(size)
+    pixels = np.stack([processor.preprocess_one(synthetic.draw_scene(s, size)) for s in scenes])
     item = [s.items[0] for s in scenes]
     labels = {"shape": [synthetic.SHAPES.index(i.shape) for i in item],
               "colour": [list(synthetic.COLOURS).index(i.colour) for i in item],
@@ -48,14 +49,14 @@ def _scenes(count: int, size: int, seed: int):
     return pixels, {k: np.asarray(v) for k, v in labels.items()}
 
 
-def pretrain_vision(config: ModelConfig, steps: int = 800, batch: int = 64, lr: float = 1e-3, seed: int = 0,
-                    init_std: float = 0.1, log: Callable[[str], None] = print) -> dict:
-    """The ViT's params after `steps` AdamW steps on 5000 scenes (500 more held out, reported)."""
+def pretrain_vision(config: ModelConfig, vision_params: dict, steps: int = 800, batch: int = 64, lr: float = 1e-3,
+                    seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    """`vision_params` after `steps` AdamW steps on 5000 scenes (500 more held out, reported)."""
     size = config.vision.image_size
     pixels, labels = _scenes(5500, size, seed)
     model = _Classifier(config)
     params = nn.unbox(model.init(jax.random.key(seed), pixels[:1])["params"])
-    params["vision"] = initial_params(config, seed, init_std)["vision"]
+    params["vision"] = vision_params
     tx = optax.adamw(lr)
     opt = tx.init(params)
 
@@ -85,7 +86,7 @@ def initial_model(config: ModelConfig, out_dir: str, seed: int = 0, init_std: fl
     the synthetic data's tokenizers."""
     from convert.export import export_hf
     params = initial_params(config, seed, init_std)
-    params["vision"] = pretrain_vision(config, steps=steps, seed=seed, init_std=init_std, log=log)
+    params["vision"] = pretrain_vision(config, params["vision"], steps=steps, seed=seed, log=log)
     export_hf(config, out_dir, params=params, overwrite=True)
     synthetic.write_tokenizers(out_dir)
     return out_dir
