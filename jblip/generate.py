@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jblip.model import BlipModel, positions_from_mask
-from jblip.sampling import SamplerConfig, is_eos, process
+from jblip.sampling import SamplerConfig, argmax, is_eos, process
 
 BIG_NEG = -1.0e9
 
@@ -126,7 +126,7 @@ def _sample_loop(module, params, cfg: SamplerConfig, logits, lm, history, valid,
         if cfg.strategy == "sample":
             token = jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
         else:
-            token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+            token = argmax(scores)
         token = jnp.where(s.done, cfg.pad_token_id, token)
         tokens = s.tokens.at[:, s.t].set(token)
         history = jax.lax.dynamic_update_slice_in_dim(s.history, token[:, None], P + s.t, axis=1)

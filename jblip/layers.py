@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jblip import cpu_dot
+
 Dtype = jnp.dtype
 NEG_INF = -1e30  # large finite value: avoids NaN for fully masked rows
 
@@ -50,8 +52,13 @@ class Linear(nn.Module):
         kernel = logical_param(self, "kernel", self.kernel_init, in_shape + out_shape,
                                tuple(self.axes), self.param_dtype)
         n_in = len(in_shape)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        batch_shape, k, n = x.shape[:x.ndim - n_in], math.prod(in_shape), math.prod(out_shape)
+        if cpu_dot.slab_rows(math.prod(batch_shape), (k, n), kernel.dtype.itemsize):
+            y = cpu_dot.matmul(x.reshape(-1, k), kernel.reshape(k, n)).reshape(batch_shape + out_shape)
+        else:
+            contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+            y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
         if self.use_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros, out_shape,
                                  tuple(self.axes[n_in:]), self.param_dtype)
@@ -145,10 +152,7 @@ _BLOCK_MIN_SCORES = 128 * 128
 def _block_on_cpu(q, k) -> bool:
     """Blocked attention only on one CPU device: on a mesh, looping over the (sharded)
     batch and head dims would make the partitioner regather them."""
-    if jax.default_backend() != "cpu" or q.shape[2] * k.shape[2] < _BLOCK_MIN_SCORES:
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or mesh.size == 1
+    return q.shape[2] * k.shape[2] >= _BLOCK_MIN_SCORES and cpu_dot.on_one_cpu_device()
 
 
 def _blocked_attention(q, k, v, scale: float, dtype):

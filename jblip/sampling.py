@@ -139,6 +139,16 @@ def process(scores, cfg: SamplerConfig, history, valid, cur_len, n_generated):
     return scores
 
 
+def argmax(scores):
+    """`jnp.argmax` over the last axis (first maximum; first NaN if any) as two plain
+    reductions: XLA:CPU runs argmax's paired (value, index) reduction ~10x slower, which
+    cost 1.1 ms of a 20 ms decode step at 8 x 32001."""
+    best = jnp.max(scores, axis=-1, keepdims=True)
+    hit = (scores == best) | jnp.isnan(scores)
+    index = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, scores.shape[-1]), axis=-1)
+
+
 def is_eos(tokens, eos_ids):
     if not eos_ids:
         return jnp.zeros(tokens.shape, bool)
