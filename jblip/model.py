@@ -64,8 +64,7 @@ class BlipModel(nn.Module):
     def encode_image(self, pixel_values, qformer_ids=None, qformer_mask=None):
         """Projected query outputs [B, Q, D_llm]: the soft prompt for the language model."""
         image = self.vision(pixel_values)
-        hidden = self.qformer(image, qformer_ids, qformer_mask)
-        return self.projection(hidden[:, : self.config.num_query_tokens])
+        return self.projection(self.qformer(image, qformer_ids, qformer_mask, queries_only=True))
 
     def merge_queries(self, queries, input_ids, attention_mask, prepend_queries: bool):
         """Language-model input embeddings and mask with the queries in place.

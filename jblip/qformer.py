@@ -59,21 +59,26 @@ class QFormerLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, image_embeds, self_bias, num_queries: int):
+    def __call__(self, x, image_embeds, self_bias, num_queries: int, queries_only: bool = False):
+        """`queries_only`: return the query rows alone, and compute text rows only as keys and
+        values (the last layer, whose text outputs nothing reads: autodiff would otherwise run
+        their feed-forward block forward and backward). Init still creates every param."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def norm(name):
             return LayerNorm(eps=cfg.layer_norm_eps, axis_name="qf_norm", **kw, name=name)
 
+        skip_text = queries_only and not self.is_initializing()
+        rows = x[:, :num_queries] if skip_text else x
         self_attn = QFormerAttention(cfg, cfg.hidden_size, **kw, name="self_attn")
-        x = norm("self_attn_norm")(x + self_attn(x, x, self_bias))
+        x = norm("self_attn_norm")(rows + self_attn(rows, x, self_bias))
         queries, text = x[:, :num_queries], x[:, num_queries:]
         if self.has_cross_attention:
             cross = QFormerAttention(cfg, cfg.encoder_hidden_size, "vis_embed", **kw, name="cross_attn")
             queries = norm("cross_attn_norm")(queries + cross(queries, image_embeds))
         queries = norm("query_ffn_norm")(queries + QFormerFFN(cfg, **kw, name="query_ffn")(queries))
-        if not cfg.use_text_input:
+        if not cfg.use_text_input or skip_text:
             return queries
         # Runs (at no cost) on zero text positions too, so the params always exist as in HF.
         text = norm("text_ffn_norm")(text + QFormerFFN(cfg, **kw, name="text_ffn")(text))
@@ -112,7 +117,8 @@ class QFormer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, image_embeds, text_ids=None, text_mask=None):
+    def __call__(self, image_embeds, text_ids=None, text_mask=None, queries_only: bool = False):
+        """`queries_only`: return [B, Q, D], skipping the work that only the text outputs need."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self._check_inputs(image_embeds, text_ids, text_mask)
@@ -137,7 +143,7 @@ class QFormer(nn.Module):
         for i in range(cfg.num_layers):
             layer = QFormerLayer(cfg, has_cross_attention=i % cfg.cross_attention_frequency == 0,
                                  **kw, name=f"layers_{i}")
-            x = layer(x, image_embeds, self_bias, nq)
+            x = layer(x, image_embeds, self_bias, nq, queries_only and i == cfg.num_layers - 1)
         return x
 
     def _check_inputs(self, image_embeds, text_ids, text_mask):

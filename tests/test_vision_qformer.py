@@ -180,6 +180,12 @@ def test_instruct_qformer_matches_hf_with_padded_instructions():
     print(f"instruct qformer queries max|d|={d_query:.2e}, all positions max|d|={d_all:.2e}")
     assert d_query <= TOL and d_all <= TOL
 
+    # queries_only (what the model uses) skips the last layer's text rows and gives the same queries
+    only = jax.jit(lambda *a: model.apply({"params": params}, *a, queries_only=True))(
+        jnp.asarray(image), jnp.asarray(ids), jnp.asarray(mask))
+    assert only.shape == (batch, NUM_QUERIES, QFORMER_3.hidden_size)
+    assert max_diff(only, got[:, :NUM_QUERIES]) <= 1e-6
+
     # the mask matters: without it the padded rows' query outputs change
     unmasked = jax.jit(model.apply)({"params": params}, jnp.asarray(image), jnp.asarray(ids))
     assert max_diff(unmasked[2, :NUM_QUERIES], want[2, :NUM_QUERIES]) > 1e-3
