@@ -1,19 +1,25 @@
-"""Matrix products with few rows on one CPU device: the decode steps of batched and beam search.
+"""Matrix products with few rows on one CPU core: the decode steps of batched and beam search.
 
 With 2-16 rows (batch x beams, one token each) a product is bound by streaming the
 kernel from memory, and XLA:CPU streams a large kernel poorly in one piece. Summing
 the products of contiguous slabs of kernel rows (blocks of the contracted axis, each
-at most `SLAB_BYTES`) runs faster: on a 2-core EPYC, fp32, 5 rows, kernels cold in
-cache: 512 x 32001 7.7 -> 5.8 ms, 512 x 1376 0.27 -> 0.22 ms, 4096 x 4096 6.4 -> 4.9 ms.
+at most `SLAB_BYTES`) runs faster: on one core of an EPYC, fp32, 5 rows, kernels cold
+in cache: 512 x 32001 7.7 -> 5.8 ms, 512 x 1376 0.27 -> 0.22 ms, 4096 x 4096 6.4 -> 4.9 ms.
 One row (a GEMV) and many rows (prefill, training) keep the plain product, which
-is faster there; so do meshes, where a loop over a sharded axis would regather it.
+is faster there; so do meshes, where a loop over a sharded axis would regather it,
+and processes that give XLA more than one core: there the plain product streams
+the kernel on every core at once (measured on two cores, a decode-like loop at 5
+and 8 rows: slabs 12% and 2% slower; on one core 25% and 20% faster).
 """
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
 
 MAX_ROWS = 16
+MAX_CORES = 1
 SLAB_BYTES = 4 << 20
 MIN_KERNEL_BYTES = 1 << 20
 # Each slab's product writes an [M, N] partial sum that the next one adds to: slabs of
@@ -29,10 +35,20 @@ def on_one_cpu_device() -> bool:
     return mesh.empty or mesh.size == 1
 
 
+def cores() -> int:
+    """Cores this process may run on (XLA:CPU sizes its thread pool from them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def slab_rows(rows: int, kernel_shape: tuple[int, int], itemsize: int) -> int | None:
     """Kernel rows per slab for `rows` input rows, or None for the plain product."""
     k, n = kernel_shape
-    if not 2 <= rows <= MAX_ROWS or k * n * itemsize < MIN_KERNEL_BYTES or not on_one_cpu_device():
+    if not 2 <= rows <= MAX_ROWS or k * n * itemsize < MIN_KERNEL_BYTES:
+        return None
+    if cores() > MAX_CORES or not on_one_cpu_device():
         return None
     cap = min(k // 2, max(SLAB_BYTES // (n * itemsize), GOOD_SLAB_ROWS))
     return max((r for r in range(MIN_SLAB_ROWS, cap + 1) if k % r == 0), default=None)

@@ -6,10 +6,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jblip import cpu_dot
 from jblip.layers import Linear
 from jblip.sharding import activation_rules, make_mesh
+
+
+@pytest.fixture(autouse=True)
+def any_core_count(monkeypatch):
+    """The slab path is for processes on one core; these tests run wherever."""
+    monkeypatch.setattr(cpu_dot, "MAX_CORES", 1 << 20)
 
 
 def arrays(m, k, n, seed=0):
@@ -47,6 +54,14 @@ def test_linear_uses_slabs_for_multi_axis_kernels():
     p = nn.unbox(params)["params"]
     ref = jnp.einsum("btnh,nhd->btd", x, p["kernel"], precision="highest") + p["bias"]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_several_cores_use_the_plain_product(monkeypatch):
+    monkeypatch.setattr(cpu_dot, "cores", lambda: 2)
+    monkeypatch.setattr(cpu_dot, "MAX_CORES", 1)
+    assert cpu_dot.slab_rows(5, (512, 32001), 4) is None
+    monkeypatch.setattr(cpu_dot, "cores", lambda: 1)
+    assert cpu_dot.slab_rows(5, (512, 32001), 4) == 64
 
 
 def test_meshes_use_the_plain_product():
