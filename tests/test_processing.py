@@ -174,6 +174,43 @@ def test_hub_style_llama_tokenizer_file_tokenizes_like_transformers(tmp_path, le
         ref.decode(ids, skip_special_tokens=True).strip() for ids in ref(texts)["input_ids"]]
 
 
+def hub_style_t5_file(directory, old_metaspace: bool):
+    """A Flan-T5 tokenizer.json as the hub repos carry it: Unigram, a normalizer that collapses
+    runs of spaces, WhitespaceSplit + Metaspace (in the pre-0.19 `add_prefix_space` form if
+    `old_metaspace`), `$A </s>`. (The hub files also hold a sentencepiece charsmap, which both
+    libraries apply as it is.)"""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    metaspace = dict(replacement="▁", prepend_scheme="always", split=True)
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Metaspace(**metaspace)])
+    tok.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                            unk_token="<unk>", show_progress=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.decoder = decoders.Metaspace(**metaspace)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    saved = json.loads(tok.to_str())
+    if old_metaspace:
+        old = {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}
+        saved["pre_tokenizer"]["pretokenizers"][1] = saved["decoder"] = old
+    directory.mkdir()
+    (directory / "tokenizer.json").write_text(json.dumps(saved))
+    (directory / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="T5Tokenizer", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)))
+    return str(directory)
+
+
+@pytest.mark.parametrize("old_metaspace", [False, True])
+def test_hub_style_t5_tokenizer_file_tokenizes_like_transformers(tmp_path, old_metaspace):
+    """transformers 5 rebuilds T5's pipeline too (no space-collapsing normalizer); the ids agree."""
+    from transformers import AutoTokenizer
+    from jblip.text_processing import TextTokenizer
+    path = hub_style_t5_file(tmp_path / "tok", old_metaspace)
+    texts = ["What colour is the circle?", "  two  spaces", "line one\nline two\ttab", "café ☃ 日本",
+             "a </s>b", " </s>x", ""]
+    assert TextTokenizer.from_dir(path).encode(texts) == AutoTokenizer.from_pretrained(path)(texts)["input_ids"]
+
+
 def test_decoding_options():
     from jblip.pipeline import sampler_for
     from jblip.sampling import SamplerConfig
