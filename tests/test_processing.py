@@ -200,15 +200,48 @@ def hub_style_t5_file(directory, old_metaspace: bool):
     return str(directory)
 
 
-@pytest.mark.parametrize("old_metaspace", [False, True])
-def test_hub_style_t5_tokenizer_file_tokenizes_like_transformers(tmp_path, old_metaspace):
-    """transformers 5 rebuilds T5's pipeline too (no space-collapsing normalizer); the ids agree."""
+def hub_style_opt_file(directory, bos_template: bool, add_bos_token):
+    """An OPT tokenizer.json: byte-level BPE whose post-processor prepends `</s>` (as converted
+    from GPT2Tokenizer with add_bos_token) or is plain ByteLevel; `add_bos_token` in the config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = (processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+                          if bos_template else processors.ByteLevel(trim_offsets=False))
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    config = dict(tokenizer_class="GPT2Tokenizer", bos_token="</s>", eos_token="</s>", unk_token="</s>",
+                  pad_token="<pad>", add_prefix_space=False)
+    if add_bos_token is not None:
+        config["add_bos_token"] = add_bos_token
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(directory)
+
+
+HUB_TEXTS = ["What colour is the circle?", "  two  spaces", "line one\nline two\ttab", "café ☃ 日本", "a </s>b",
+             " </s>x", ""]
+
+
+@pytest.mark.parametrize("variant", ["t5", "t5-old-metaspace", "opt-bos", "opt-bos-flag-off", "opt-bytelevel",
+                                     "opt-bytelevel-flag-on"])
+def test_hub_style_t5_and_opt_tokenizer_files_tokenize_like_transformers(tmp_path, variant):
+    """transformers 5 rebuilds T5's and GPT-2's pipelines around an old file's vocabulary (T5: no
+    space-collapsing normalizer; GPT-2: byte-level, the file's post-processor, `add_bos_token`
+    ignored); jblip, which reads the file as it is, gives the same ids."""
     from transformers import AutoTokenizer
     from jblip.text_processing import TextTokenizer
-    path = hub_style_t5_file(tmp_path / "tok", old_metaspace)
-    texts = ["What colour is the circle?", "  two  spaces", "line one\nline two\ttab", "café ☃ 日本",
-             "a </s>b", " </s>x", ""]
-    assert TextTokenizer.from_dir(path).encode(texts) == AutoTokenizer.from_pretrained(path)(texts)["input_ids"]
+    if variant.startswith("t5"):
+        path = hub_style_t5_file(tmp_path / "tok", old_metaspace=variant.endswith("old-metaspace"))
+    else:
+        flag = {"opt-bos": True, "opt-bos-flag-off": False, "opt-bytelevel": None, "opt-bytelevel-flag-on": True}
+        path = hub_style_opt_file(tmp_path / "tok", "bos" in variant, flag[variant])
+    ref = AutoTokenizer.from_pretrained(path)(HUB_TEXTS)["input_ids"]
+    assert TextTokenizer.from_dir(path).encode(HUB_TEXTS) == ref
+    assert (ref[0][0] == 2) == ("bos" in variant)  # only the file's template adds BOS
 
 
 def test_decoding_options():
