@@ -62,5 +62,7 @@ def matmul(x, kernel):
     (m, k), n = x.shape, kernel.shape[1]
     x_slabs = x.reshape(m, k // r, r).transpose(1, 0, 2)
     kernel_slabs = kernel.reshape(k // r, r, n)
-    acc = jnp.zeros((m, n), jnp.result_type(x, kernel))
-    return jax.lax.fori_loop(0, k // r, lambda i, a: a + x_slabs[i] @ kernel_slabs[i], acc)
+    # partial sums in float32 (as one product of bf16 inputs accumulates), rounded once at the end
+    add_slab = lambda i, acc: acc + jnp.dot(x_slabs[i], kernel_slabs[i], preferred_element_type=jnp.float32)
+    acc = jax.lax.fori_loop(0, k // r, add_slab, jnp.zeros((m, n), jnp.float32))
+    return acc.astype(jnp.result_type(x, kernel))

@@ -45,6 +45,17 @@ def test_slab_product_equals_plain_product():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
 
+def test_bfloat16_slab_sums_stay_in_float32():
+    x, w = arrays(5, 4096, 4096, seed=4)
+    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    assert cpu_dot.slab_rows(5, (4096, 4096), 2) == 512  # 8 slabs
+    got = jax.jit(cpu_dot.matmul)(x, w)
+    assert got.dtype == jnp.bfloat16
+    exact = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+    ulp = jnp.abs(exact) * 2.0 ** -8  # one bfloat16 rounding of the exact sum, at most
+    assert bool(jnp.all(jnp.abs(got.astype(jnp.float32) - exact) <= ulp + 1e-3))
+
+
 def test_linear_uses_slabs_for_multi_axis_kernels():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 1, 16, 64)), jnp.float32)  # [B, T, N, H]
     layer = Linear((16, 64), (1024,), ("heads", "kv", "embed"), use_bias=True)
