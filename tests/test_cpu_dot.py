@@ -1,5 +1,5 @@
-"""Products with few rows on one CPU device (decode steps) go slab by slab: same values as the plain
-product; the plain product for one row, many rows, small kernels and meshes."""
+"""Products with few rows on one CPU core (decode steps) go slab by slab: same values as the plain
+product; the plain product for one row, many rows, small kernels, several cores and meshes."""
 from __future__ import annotations
 
 import flax.linen as nn
