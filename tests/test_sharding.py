@@ -1,4 +1,4 @@
-"""Sharded models on 8 emulated CPU devices: same logits and greedy tokens as on one device,
+"""Sharded models on 8 emulated CPU devices: same logits, greedy and beam tokens as on one device,
 and the params really are split (shard shapes checked, not only the results)."""
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,8 @@ FAMILIES = {
     "opt": lambda p: tiny_blip2(p, seed=12, text={**TINY_OPT, "num_hidden_layers": 1}, **ONE_LAYER),
     "t5": lambda p: tiny_blip2(p, seed=13, text={**TINY_T5, "num_layers": 1, "num_decoder_layers": 1}, **ONE_LAYER),
 }
-GENERATE_ON = "data=2,fsdp=2,tensor=2"  # greedy tokens on the mesh that uses all three axes
+GENERATE_ON = "data=2,fsdp=2,tensor=2"  # greedy and beam tokens on the mesh that uses all three axes
+BEAM = dict(strategy="beam", num_beams=3, max_new_tokens=4)
 BATCH = 4
 
 
@@ -57,8 +58,9 @@ def family(request, tmp_path_factory):
     inputs = make_inputs(single.config)
     logits = np.asarray(single.forward(**inputs))
     tokens = single.generate(**_generate_args(inputs), max_new_tokens=4).tokens
+    beams = single.generate(**_generate_args(inputs), **BEAM).tokens
     return dict(name=request.param, path=path, single=single, inputs=inputs, logits=logits,
-                tokens=np.asarray(tokens))
+                tokens=np.asarray(tokens), beams=np.asarray(beams))
 
 
 def _generate_args(inputs):
@@ -131,6 +133,8 @@ def test_sharded_model_matches_single_device(family, spec):
     if spec == GENERATE_ON:
         tokens = model.generate(**_generate_args(family["inputs"]), max_new_tokens=4).tokens
         np.testing.assert_array_equal(np.asarray(tokens), family["tokens"])
+        beams = model.generate(**_generate_args(family["inputs"]), **BEAM).tokens
+        np.testing.assert_array_equal(np.asarray(beams), family["beams"])
 
 
 def test_placing_host_params_on_a_mesh(family):
