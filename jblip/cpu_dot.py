@@ -57,8 +57,11 @@ def slab_rows(rows: int, kernel_shape: tuple[int, int], itemsize: int) -> int | 
 def matmul(x, kernel):
     """x [M, K] @ kernel [K, N], slab by slab when `slab_rows` says so."""
     r = slab_rows(x.shape[0], kernel.shape, kernel.dtype.itemsize)
-    if r is None:
-        return x @ kernel
+    return x @ kernel if r is None else slab_product(x, kernel, r)
+
+
+def slab_product(x, kernel, r: int):
+    """x [M, K] @ kernel [K, N] as the sum over slabs of `r` kernel rows (r divides K)."""
     (m, k), n = x.shape, kernel.shape[1]
     x_slabs = x.reshape(m, k // r, r).transpose(1, 0, 2)
     kernel_slabs = kernel.reshape(k // r, r, n)

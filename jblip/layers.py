@@ -54,8 +54,9 @@ class Linear(nn.Module):
         n_in = len(in_shape)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         batch_shape, k, n = x.shape[:x.ndim - n_in], math.prod(in_shape), math.prod(out_shape)
-        if cpu_dot.slab_rows(math.prod(batch_shape), (k, n), kernel.dtype.itemsize):
-            y = cpu_dot.matmul(x.reshape(-1, k), kernel.reshape(k, n)).reshape(batch_shape + out_shape)
+        slab = cpu_dot.slab_rows(math.prod(batch_shape), (k, n), kernel.dtype.itemsize)
+        if slab:
+            y = cpu_dot.slab_product(x.reshape(-1, k), kernel.reshape(k, n), slab).reshape(batch_shape + out_shape)
         else:
             contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
             y = jax.lax.dot_general(x, kernel, (contract, ((), ())))

@@ -132,6 +132,14 @@ def test_bos_eos_flags_in_tokenizer_config_are_ignored_like_hf(checkpoints, tmp_
         assert ours[0][0] == 2 and ours[0][-1] != 2  # BOS from tokenizer.json's template, no EOS
 
 
+def save_tokenizer_dir(directory, tokenizer_json: str, config: dict) -> str:
+    """A tokenizer folder as the hub holds it: tokenizer.json + tokenizer_config.json."""
+    directory.mkdir()
+    (directory / "tokenizer.json").write_text(tokenizer_json)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(directory)
+
+
 def hub_style_llama_file(directory, legacy: bool):
     """A LLaMA tokenizer.json as the older hub repos (Vicuna's) carry it: sentencepiece-style
     normalizer (prepend "▁", spaces -> "▁"), no pre-tokenizer, byte fallback, BOS `</s>`."""
@@ -151,11 +159,8 @@ def hub_style_llama_file(directory, legacy: bool):
                                      decoders.Strip(" ", 1, 0)])
     tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
     tok.add_special_tokens(specials[:3])
-    directory.mkdir()
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(dict(
-        tokenizer_class="LlamaTokenizer", legacy=legacy, bos_token="</s>", eos_token="</s>", unk_token="</s>")))
-    return str(directory)
+    return save_tokenizer_dir(directory, tok.to_str(), dict(
+        tokenizer_class="LlamaTokenizer", legacy=legacy, bos_token="</s>", eos_token="</s>", unk_token="</s>"))
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -193,11 +198,8 @@ def hub_style_t5_file(directory, old_metaspace: bool):
     if old_metaspace:
         old = {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}
         saved["pre_tokenizer"]["pretokenizers"][1] = saved["decoder"] = old
-    directory.mkdir()
-    (directory / "tokenizer.json").write_text(json.dumps(saved))
-    (directory / "tokenizer_config.json").write_text(json.dumps(dict(
-        tokenizer_class="T5Tokenizer", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)))
-    return str(directory)
+    return save_tokenizer_dir(directory, json.dumps(saved), dict(
+        tokenizer_class="T5Tokenizer", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0))
 
 
 def hub_style_opt_file(directory, bos_template: bool, add_bos_token):
@@ -212,14 +214,11 @@ def hub_style_opt_file(directory, bos_template: bool, add_bos_token):
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = (processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
                           if bos_template else processors.ByteLevel(trim_offsets=False))
-    directory.mkdir()
-    tok.save(str(directory / "tokenizer.json"))
     config = dict(tokenizer_class="GPT2Tokenizer", bos_token="</s>", eos_token="</s>", unk_token="</s>",
                   pad_token="<pad>", add_prefix_space=False)
     if add_bos_token is not None:
         config["add_bos_token"] = add_bos_token
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return str(directory)
+    return save_tokenizer_dir(directory, tok.to_str(), config)
 
 
 HUB_TEXTS = ["What colour is the circle?", "  two  spaces", "line one\nline two\ttab", "café ☃ 日本", "a </s>b",
