@@ -63,6 +63,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_mlp", "tensor"),
     # KV cache: batch split like activations, heads like the K/V kernels (CACHE_AXES)
     ("cache_length", None),
+    # scanned layer stacks (jblip.scan): the stacked axis stays whole on every device
+    ("layers", None),
     # language models (LLaMA, OPT, T5): FSDP over the model width, tensor parallel
     # over heads, MLP width and vocabulary (vocab padded at load time to divide it)
     ("embed", "fsdp"),
