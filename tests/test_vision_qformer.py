@@ -206,7 +206,10 @@ def test_instruct_qformer_without_text_matches_hf():
 def test_blip2_qformer_matches_hf():
     cfg = replace(QFORMER_3, use_text_input=False)
     hf, queries, model, params = qformer_pair(cfg, seed=7)
-    assert "embeddings" not in params and "text_ffn" not in params["layers_0"]
+    # layers 0-1 are one scanned group, layer 2 (the last) stands alone
+    assert "embeddings" not in params
+    assert all("text_ffn" not in layer for layer in (params["layers"]["layer_0"], params["layers"]["layer_1"],
+                                                      params["layers_2"]))
     image = np.random.default_rng(8).standard_normal((2, 13, cfg.encoder_hidden_size)).astype(np.float32)
     with torch.no_grad():
         want = hf(query_embeds=queries.expand(2, -1, -1), encoder_hidden_states=torch.from_numpy(image),
