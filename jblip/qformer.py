@@ -11,8 +11,10 @@ Only query positions cross-attend to the image, on every
 Layer stack: groups of f layers (cross-attention in the group's first) are one
 scanned stack (`jblip.scan.stack`), so compile time does not grow with depth:
 params `layers/layer_{j}/<path>` with a leading [G] axis stand for layer g*f + j.
-The layers after the last whole group that leaves the last layer out (1 to f of
-them) stay separate modules `layers_{m}`; see `QFormer.__call__` for why.
+The stack holds the whole groups that end before the last layer; the 1 to f
+layers after them, the last included, stay separate modules `layers_{m}` (12
+layers, f=2: a stack of 5 groups, then layers_10 and layers_11). See
+`QFormer.__call__` for why.
 """
 from __future__ import annotations
 
