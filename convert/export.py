@@ -23,6 +23,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from convert import stacking
 from convert.hf import hf_rules
 from convert.hf_config import hf_config_dict
 from convert.inverse import KeyInverter
@@ -73,7 +74,7 @@ class LazyParams(Mapping):
 
     def __init__(self, source, rules, abstract_params, dtype=None, optional=()):
         self.source = source
-        self.targets = flatten(abstract_params)
+        self.targets = stacking.per_layer_specs(flatten(abstract_params))
         self.assignment = plan({k: source.shape(k) for k in source.keys()}, rules, self.targets, optional)
         self.dtype = None if dtype is None else np.dtype(dtype)
 
@@ -144,7 +145,7 @@ def _prepare_dir(out_dir: str, overwrite: bool) -> None:
 def param_shapes(config: ModelConfig) -> dict[str, tuple]:
     """Flat param path -> shape of the (unpadded) model, without allocating."""
     from jblip.model import abstract_params
-    return {p: tuple(a.shape) for p, a in flatten(abstract_params(config)).items()}
+    return {p: tuple(a.shape) for p, a in stacking.per_layer_specs(flatten(abstract_params(config))).items()}
 
 
 def torch_shape_of(transform, shape) -> tuple:
@@ -205,9 +206,8 @@ def export_hf(model_or_config, out_dir: str, params=None, max_shard_bytes: int |
         config, params = model_or_config.config, model_or_config.params if params is None else params
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, padded_vocab_size=None))
     dtype = None if dtype is None else np.dtype(dtype)
-    flat = params if isinstance(params, LazyParams) else flatten(params)
-    metas = {p: flat.meta(p) for p in flat} if isinstance(flat, LazyParams) else {
-        p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in flat.items()}
+    flat = params if isinstance(params, LazyParams) else stacking.PerLayerView(flatten(params))
+    metas = {p: flat.meta(p) for p in flat}
     entries = export_layout(config, metas, dtype)
     sources = {key: (path, rule, shape) for key, _, _, path, rule, shape in entries}
     entries = [e[:3] for e in entries]

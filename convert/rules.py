@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from convert import stacking
+
 
 class ConversionError(ValueError):
     pass
@@ -120,9 +122,11 @@ def plan(keys_shapes: Mapping[str, tuple], rules: Iterable[Rule], targets: Mappi
     """Check a checkpoint against the model without reading any tensor.
 
     keys_shapes: source key -> torch shape; targets: flat param path -> abstract
-    leaf (with .shape). Returns target path -> (source key, rule). Raises one
-    ConversionError listing every missing, unexpected and mis-shaped tensor.
+    leaf (with .shape), stacked layers included (seen per layer, see `convert.stacking`).
+    Returns per-layer target path -> (source key, rule). Raises one ConversionError
+    listing every missing, unexpected and mis-shaped tensor.
     """
+    targets = stacking.per_layer_specs(targets)
     matcher = Matcher(rules)
     assignment: dict[str, tuple] = {}
     unexpected, mismatched, bad_rule = [], [], []
@@ -193,16 +197,29 @@ def convert_params(source, rules: Iterable[Rule], abstract_params: Mapping, opti
 
     source: TensorSource (keys/shape/dtype/read); abstract_params: nested dict of
     leaves with .shape/.dtype (e.g. from jax.eval_shape). `place(path, array)`
-    may move each array to its device/sharding as soon as it is read.
+    may move each array to its device/sharding as soon as it is read; a stacked
+    param is read slice by slice and placed whole, so host memory holds at most
+    one stacked param at a time.
     """
     targets = flatten(abstract_params)
     assignment = plan({k: source.shape(k) for k in source.keys()}, rules, targets, optional)
-    out = {}
-    items = list(assignment.items())
-    for i, (path, (key, rule)) in enumerate(items):
+    slots = stacking.per_layer_slots({p: tuple(a.shape) for p, a in targets.items()})
+    out, done = {}, 0
+    for group in stacking.reading_order(assignment, slots):
+        slot = slots[group[0]]
+        path = group[0] if slot is None else slot.stacked
         leaf = targets[path]
-        arr = convert_one(source.read(key), tuple(leaf.shape), rule, np.dtype(leaf.dtype))
+        if slot is not None and len(group) != leaf.shape[0]:
+            raise ConversionError(f"{path}: the checkpoint fills {len(group)} of its {leaf.shape[0]} layers")
+        arrays = []
+        for member in group:
+            key, rule = assignment[member]
+            arrays.append(convert_one(source.read(key), tuple(leaf.shape[1:] if slot else leaf.shape), rule,
+                                      np.dtype(leaf.dtype)))
+            done += 1
+            if progress is not None:
+                progress(done, len(assignment), member)
+        arr = arrays[0] if slot is None else stacking.assemble(arrays)
+        del arrays
         out[path] = place(path, arr) if place is not None else arr
-        if progress is not None:
-            progress(i + 1, len(items), path)
     return unflatten(out)

@@ -1,16 +1,22 @@
-"""Released checkpoints at full size, without memory: jax.eval_shape against the HF key lists."""
-import os
+"""Released checkpoints at full size, without memory: jax.eval_shape against the checkpoints' key lists.
 
+The reference key lists come from transformers itself: the HF model is built from the
+preset's HF config on torch's `meta` device (shapes only, no memory), and its state-dict
+keys and shapes are what the released checkpoints hold (checked once against the hub
+files' key lists: identical for the four model types).
+"""
 import pytest
+import torch
+import transformers
 
+from convert import stacking
 from convert.hf import hf_rules
+from convert.hf_config import hf_config_dict
 from convert.rules import flatten, plan
 from jblip.config import preset
 from jblip.model import abstract_params, count_params
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "hf_keys")
-
-# ARCHITECTURE.md §1.6 (unique parameters, HF layout, Flan-T5 lm_head untied).
+# Unique parameters in the HF layout (Flan-T5 checkpoints carry an untied lm_head).
 TOTALS = {
     "instructblip-vicuna-7b": 7_913_210_624,
     "instructblip-vicuna-7b-hub": 7_913_726_720,
@@ -28,12 +34,8 @@ TOTALS = {
     "blip2-flan-t5-xxl": 12_229_596_672,
 }
 
-KEY_LISTS = {
-    "instructblip-vicuna-7b": "instructblip-vicuna-7b.txt",
-    "instructblip-flan-t5-xl": "instructblip-flan-t5-xl.txt",
-    "blip2-opt-2.7b": "blip2-opt-2.7b.txt",
-    "blip2-flan-t5-xl": "blip2-flan-t5-xl.txt",
-}
+MODEL_CLASSES = {"instructblip": "InstructBlipForConditionalGeneration", "blip-2": "Blip2ForConditionalGeneration"}
+CONFIG_CLASSES = {"instructblip": "InstructBlipConfig", "blip-2": "Blip2Config"}
 
 
 @pytest.mark.parametrize("name", list(TOTALS))
@@ -41,22 +43,20 @@ def test_parameter_total(name):
     assert count_params(abstract_params(preset(name))) == TOTALS[name]
 
 
-def read_keys(filename):
-    shapes = {}
-    with open(os.path.join(REFERENCE, filename)) as f:
-        for line in f:
-            key, shape, _ = line.rstrip("\n").split("\t")
-            shapes[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return shapes
+def hf_key_shapes(name: str) -> dict[str, tuple]:
+    """State-dict key -> shape of the HF model for a preset, built on the meta device."""
+    config = hf_config_dict(preset(name))
+    hf_config = getattr(transformers, CONFIG_CLASSES[config["model_type"]]).from_dict(config)
+    with torch.device("meta"):
+        model = getattr(transformers, MODEL_CLASSES[config["model_type"]])(hf_config)
+    return {key: tuple(t.shape) for key, t in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", list(KEY_LISTS))
+@pytest.mark.parametrize("name", ["instructblip-vicuna-7b", "instructblip-vicuna-13b", "instructblip-flan-t5-xl",
+                                  "blip2-opt-2.7b", "blip2-opt-6.7b-hub", "blip2-flan-t5-xl"])
 def test_every_hf_key_maps_to_a_param_of_the_right_shape(name):
-    path = os.path.join(REFERENCE, KEY_LISTS[name])
-    if not os.path.exists(path):
-        pytest.skip(f"reference key list not found at {path}")
     config = preset(name)
     targets = flatten(abstract_params(config))
     # raises one ConversionError naming every missing / unexpected / mis-shaped tensor
-    assignment = plan(read_keys(KEY_LISTS[name]), hf_rules(config), targets)
-    assert set(assignment) == set(targets)
+    assignment = plan(hf_key_shapes(name), hf_rules(config), targets)
+    assert set(assignment) == set(stacking.per_layer_specs(targets))  # every param, every layer
