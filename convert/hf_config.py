@@ -7,6 +7,7 @@ name and precision, which are not part of a checkpoint's config).
 """
 from __future__ import annotations
 
+from jblip import families
 from jblip.config import LlamaConfig, ModelConfig, OPTConfig, T5Config
 
 
@@ -85,7 +86,7 @@ def hf_config_dict(config: ModelConfig, dtype: str | None = None) -> dict:
         model_type="instructblip" if instruct else "blip-2",
         num_query_tokens=config.num_query_tokens,
         vision_config=vision, qformer_config=qformer, text_config=_TEXT[config.family](config.text),
-        use_decoder_only_language_model=config.family != "t5",
+        use_decoder_only_language_model=not families.family(config).encoder_decoder,
     )
     if config.image_token_index is not None:
         out["image_token_index"] = config.image_token_index

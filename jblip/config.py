@@ -95,7 +95,6 @@ class LlamaConfig(_LanguageModelConfig):
     pad_token_id: int = 32000
     family: str = "llama"
     padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
-    remat: bool = False  # training: recompute each block in the backward pass (activation memory)
 
     @property
     def head_dim(self) -> int:
@@ -123,7 +122,6 @@ class T5Config(_LanguageModelConfig):
     decoder_start_token_id: int = 0
     family: str = "t5"
     padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
-    remat: bool = False  # training: recompute each block in the backward pass (activation memory)
 
     @property
     def hidden_size(self) -> int:
@@ -152,7 +150,6 @@ class OPTConfig(_LanguageModelConfig):
     eos_token_id: int = 50118      # BLIP-2 stops on "\n"
     family: str = "opt"
     padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
-    remat: bool = False  # training: recompute each block in the backward pass (activation memory)
 
     @property
     def head_dim(self) -> int:

@@ -14,7 +14,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jblip.model import BlipModel, positions_from_mask
+from jblip.language_model import LMState, reorder, repeat
+from jblip.model import BlipModel
 from jblip.sampling import SamplerConfig, argmax, is_eos, process
 
 BIG_NEG = -1.0e9
@@ -26,77 +27,30 @@ class GenerateOutput(NamedTuple):
     scores: jax.Array    # beam: final sequence scores; otherwise zeros
 
 
-# ----------------------------------------------------------------------------- language-model adapters
-
-@flax.struct.dataclass
-class LMState:
-    cache: tuple
-    key_mask: jax.Array       # [R, S] valid key slots (decoder-only) / unused for T5
-    next_position: jax.Array  # [R] position id of the next fed token (decoder-only)
-    slot: jax.Array           # scalar: cache slot of the next fed token
-    cross: tuple = ()         # T5: per-layer cross-attention K/V
-    enc_mask: jax.Array | None = None
-
-
-def _cache_factory(config):
-    if config.family == "llama":
-        from jblip.llama import init_cache
-    elif config.family == "opt":
-        from jblip.opt import init_cache
-    else:
-        from jblip.t5 import init_cache
-    return init_cache
-
+# ----------------------------------------------------------------------------- the language model
+# Every family implements `jblip.language_model`'s contract; these run it inside the BlipModel.
 
 def _llm_call(module, params, method, *args):
     return module.apply({"params": params}, *args, method=lambda m, *a: method(m.llm, *a))
 
 
 def start(module: BlipModel, params, embeds, mask, max_new: int, dtype):
-    """Prefill; returns (last logits [B, V], LMState, decoder history [B, 1] or None)."""
-    config = module.config
+    """Prefill into a fresh cache sized for `max_new` tokens; returns (last logits [B, V], LMState)."""
     B, P = mask.shape
-    init_cache = _cache_factory(config)
-    if config.family == "t5":
-        text = config.text
-        enc = _llm_call(module, params, lambda llm, e, m: llm.encode(e, m), embeds, mask)
-        cross = _llm_call(module, params, lambda llm, e: llm.cross_kv(e), enc)
-        cache = init_cache(text, B, max_new + 1, dtype)
-        start_ids = jnp.full((B, 1), text.decoder_start_token_id, jnp.int32)
-        logits, cache = _llm_call(module, params, lambda llm, i, c, m, k: llm.decode(i, c, m, k, 0),
-                                  start_ids, cross, mask, cache)
-        state = LMState(cache, jnp.zeros((B, 0), bool), jnp.zeros((B,), jnp.int32), jnp.int32(1), cross, mask)
-        return logits[:, -1], state, start_ids
-    positions = positions_from_mask(mask)
-    key_mask = jnp.concatenate([mask.astype(bool), jnp.zeros((B, max_new), bool)], axis=1)
-    cache = init_cache(config.text, B, P + max_new, dtype)
-    logits, cache = _llm_call(module, params, lambda llm, e, p, k, c: llm(e, p, k, c, 0, last_logits_only=True),
-                              embeds, positions, key_mask, cache)
-    next_position = jnp.sum(mask, axis=-1).astype(jnp.int32)
-    return logits[:, -1], LMState(cache, key_mask, next_position, jnp.int32(P)), None
+
+    def prefill(llm, embeds, mask):
+        return llm.prefill(embeds, mask, llm.init_cache(B, llm.cache_length(P, max_new), dtype))
+    return _llm_call(module, params, prefill, embeds, mask)
 
 
 def step(module: BlipModel, params, state: LMState, tokens):
     """Feed one token per row; returns (logits [R, V], new state)."""
-    if module.config.family == "t5":
-        logits, cache = _llm_call(module, params, lambda llm, i, c, m, k, s: llm.decode(i, c, m, k, s),
-                                  tokens[:, None], state.cross, state.enc_mask, state.cache, state.slot)
-        return logits[:, 0], state.replace(cache=cache, slot=state.slot + 1)
-    key_mask = jax.lax.dynamic_update_slice_in_dim(
-        state.key_mask, jnp.ones((tokens.shape[0], 1), bool), state.slot, axis=1)
-    embeds = module.apply({"params": params}, tokens[:, None], method=BlipModel.embed_tokens)
-    logits, cache = _llm_call(module, params, lambda llm, e, p, k, c, s: llm(e, p, k, c, s),
-                              embeds, state.next_position[:, None], key_mask, state.cache, state.slot)
-    return logits[:, 0], state.replace(cache=cache, key_mask=key_mask, next_position=state.next_position + 1,
-                                       slot=state.slot + 1)
+    return _llm_call(module, params, lambda llm, t, s: llm.decode_step(t, s), tokens, state)
 
 
-def repeat_rows(tree, n: int):
-    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, n, axis=0) if getattr(x, "ndim", 0) > 0 else x, tree)
-
-
-def gather_rows(tree, index):
-    return jax.tree_util.tree_map(lambda x: jnp.take(x, index, axis=0), tree)
+def prompt_history(module: BlipModel, params, input_ids, attention_mask):
+    """(ids, valid) the logits processors see as the tokens so far (see the contract's `history`)."""
+    return _llm_call(module, params, lambda llm, i, m: llm.history(i, m), input_ids, attention_mask)
 
 
 # ----------------------------------------------------------------------------- loops
@@ -212,7 +166,7 @@ def _beam_loop(module, params, cfg: SamplerConfig, logits, lm, prompt, prompt_va
 
         # advance the language model with the surviving beams' caches
         rows = (jnp.arange(B)[:, None] * K + beam_src).reshape(R)
-        lm_state = s.lm.replace(cache=gather_rows(s.lm.cache, rows))
+        lm_state = reorder(s.lm, rows)
         next_logits, lm_state = step(module, params, lm_state, running[:, :, t].reshape(R))
         return BeamState(t + 1, next_logits, lm_state, s.prompt, s.prompt_valid, running, next_lp,
                          finished, best_scores, is_finished, unsatisfied, jnp.all(hits))
@@ -247,26 +201,19 @@ def generate(module: BlipModel, params, cfg: SamplerConfig, pixel_values, input_
     queries = module.apply({"params": params}, pixel_values, qformer_ids, qformer_mask, method=BlipModel.encode_image)
     embeds, mask = module.apply({"params": params}, queries, input_ids, attention_mask, prepend_queries,
                                 method=BlipModel.merge_queries)
-    logits, lm, decoder_history = start(module, params, embeds, mask, cfg.max_new_tokens, dtype)
-
-    # the processors' history: the user's ids from the first attended position on (HF ignores
-    # leading padding), or the decoder ids for T5
-    if decoder_history is not None:
-        history, valid = decoder_history, jnp.ones(decoder_history.shape, bool)
-    else:
-        history = input_ids
-        valid = jnp.cumsum(attention_mask, axis=-1) > 0
+    logits, lm = start(module, params, embeds, mask, cfg.max_new_tokens, dtype)
+    history, valid = prompt_history(module, params, input_ids, attention_mask)
     rng = jax.random.key(0) if rng is None else rng
 
     if cfg.strategy == "beam":
         K = cfg.num_beams
         expand = lambda x: jnp.repeat(x, K, axis=0)
-        lm = repeat_rows(lm, K)
+        lm = repeat(lm, K)
         tokens, scores = _beam_loop(module, params, cfg, expand(logits), lm, expand(history), expand(valid))
     else:
         n = cfg.num_return_sequences
         if n > 1:
-            lm = repeat_rows(lm, n)
+            lm = repeat(lm, n)
             logits, history, valid = (jnp.repeat(x, n, axis=0) for x in (logits, history, valid))
         G = cfg.max_new_tokens
         R = history.shape[0]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jblip import sharding
+from jblip import families, sharding
 from jblip.config import ModelConfig, Precision, from_hf_config, untie_if_present
 from jblip.generate import GenerateOutput
 from jblip.generate import generate as generate_tokens
@@ -174,7 +174,7 @@ class VisionLanguageModel:
         q_ids, q_mask = self._qformer_inputs(batch, qformer_input_ids, qformer_attention_mask)
         inputs = dict(pixel_values=pixels, input_ids=jnp.asarray(ids, jnp.int32),
                       attention_mask=jnp.asarray(mask, jnp.int32), qformer_ids=q_ids, qformer_mask=q_mask)
-        if self.config.family == "t5":
+        if families.family(self.config).encoder_decoder:
             if decoder_input_ids is None:
                 raise InputError("Flan-T5 models need decoder_input_ids (start with decoder_start_token_id "
                                  f"{self.config.text.decoder_start_token_id})")
@@ -240,8 +240,9 @@ def bucket_length(n: int, minimum: int = 16) -> int:
 def pad_to_bucket(ids, mask, config: ModelConfig, cfg: SamplerConfig):
     """Left-pad decoder-only prompts (right-pad T5 encoder inputs) to the bucket length."""
     n = ids.shape[1]
+    family = families.family(config)
     limit = getattr(config.text, "max_position_embeddings", None)
-    if limit is not None and config.family != "t5":
+    if limit is not None and family.prompt_uses_positions:
         used = n + (config.num_query_tokens if config.image_token_index is None or
                     not np.any(ids == config.image_token_index) else 0)
         if used + cfg.max_new_tokens > limit:
@@ -252,7 +253,7 @@ def pad_to_bucket(ids, mask, config: ModelConfig, cfg: SamplerConfig):
         return ids, mask
     vocab = config.text.vocab_size
     pad_id = cfg.pad_token_id if 0 <= cfg.pad_token_id < vocab else 0  # masked anyway; must be a valid row
-    side = ((0, 0), (0, extra)) if config.family == "t5" else ((0, 0), (extra, 0))
+    side = ((0, 0), (0, extra)) if family.prompt_padding_side == "right" else ((0, 0), (extra, 0))
     return np.pad(ids, side, constant_values=pad_id), np.pad(mask, side, constant_values=0)
 
 

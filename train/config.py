@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from jblip.scan import check_remat
 from train.optim import OptimConfig
 
 
@@ -35,7 +36,8 @@ class TrainConfig:
     qformer_tokenizer: str | None = None  # default: <tokenizer>/qformer_tokenizer, else the LM tokenizer
     trainable: Any = "qformer"
     precision: str = "float32"            # "float32" or "bfloat16" (ViT + LM compute; Q-Former fp32)
-    remat: bool = False                   # recompute LM blocks in the backward pass (less memory)
+    remat: str = "none"                   # recompute policy of the layer stacks (jblip.scan): none | full |
+                                          # dots_saveable | minimal; old booleans: true = full, false = none
     mesh: str = "fsdp=-1"
     batch_size: int = 8
     steps: int = 1000
@@ -64,6 +66,9 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.optim, dict):
             self.optim = OptimConfig.from_dict(self.optim)
+        if isinstance(self.remat, bool):  # configs written before remat had named policies
+            self.remat = "full" if self.remat else "none"
+        check_remat(self.remat)
         if self.precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
         for name in ("batch_size", "steps", "eval_batch_size", "log_every", "max_new_tokens"):

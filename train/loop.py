@@ -90,11 +90,12 @@ _STEPS: dict = {}
 def _step_for(config, cfg: TrainConfig, mesh, prepend_queries: bool):
     """(optimizer, placement, jitted step), reused by later runs in this process with the same
     model, optimizer, mesh and batch (a resumed run then does not compile again)."""
-    key = (config, cfg.optim, tuple(tr.set_prefixes(cfg.trainable)), mesh, cfg.batch_size, prepend_queries)
+    key = (config, cfg.optim, tuple(tr.set_prefixes(cfg.trainable)), mesh, cfg.batch_size, prepend_queries,
+           cfg.remat)
     if key not in _STEPS:
         tx = make_optimizer(cfg.optim)
         placement = Placement(config, cfg.trainable, tx, mesh)
-        step_fn = make_train_step(config, tx, cfg.optim, placement, cfg.batch_size, prepend_queries)
+        step_fn = make_train_step(config, tx, cfg.optim, placement, cfg.batch_size, prepend_queries, cfg.remat)
         _STEPS.clear()  # keep one: compiled programs hold memory
         _STEPS[key] = (tx, placement, step_fn)
     return _STEPS[key]
@@ -220,10 +221,7 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export(cfg: TrainConfig, config, params):
     """The fine-tuned model as a HF-format checkpoint directory (the layout `load_pretrained` reads),
     with the tokenizer / processor files of the base model (or of `cfg.tokenizer`) next to it."""
-    import dataclasses
-
     from convert.export import export_hf
-    config = dataclasses.replace(config, text=dataclasses.replace(config.text, remat=False))
     if jax.process_index() != 0:
         return
     export_hf(config, cfg.export_dir, params=params, overwrite=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from jblip import families
+
 TOWERS = (("vision", "vision"), ("qformer", "Q-Former"), ("projection", "projection"), ("llm", "language model"))
 BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -50,7 +52,7 @@ def _hub_config_dir(model_id: str) -> str:
 def describe(config) -> list[tuple[str, str]]:
     v, q, t = config.vision, config.qformer, config.text
     tokens = (v.image_size // v.patch_size) ** 2 + 1
-    if config.family == "t5":
+    if families.family(config).encoder_decoder:
         lm = (f"flan-t5: {t.num_layers}+{t.num_decoder_layers} layers, width {t.d_model}, {t.num_heads} heads, "
               f"ffn {t.d_ff}, vocab {t.vocab_size}")
     else:
