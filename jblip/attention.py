@@ -59,14 +59,18 @@ def causal_bias(q_positions, key_mask):
 
 
 def full_bias(bias, key_mask, causal: bool, t: int, s: int):
-    """Every mask as one additive float32 bias of rank 4 (broadcastable to [B,N,T,S]), or None."""
-    parts = []
+    """Every mask as one additive float32 bias of rank 4 (broadcastable to [B,N,T,S]), or None.
+    The structured masks join as booleans first: a key both padded and in the future costs
+    NEG_INF once, as in `causal_bias`."""
+    allowed = None
+    if key_mask is not None:
+        allowed = key_mask.astype(bool)[:, None, None, :]
+    if causal:
+        future_free = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None, None]
+        allowed = future_free if allowed is None else allowed & future_free
+    parts = [] if allowed is None else [mask_to_bias(allowed)]
     if bias is not None:
         parts.append(jnp.asarray(bias, jnp.float32).reshape((1,) * (4 - jnp.ndim(bias)) + jnp.shape(bias)))
-    if key_mask is not None:
-        parts.append(key_padding_bias(key_mask))
-    if causal:
-        parts.append(mask_to_bias(jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None, None])
     return functools.reduce(jnp.add, parts) if parts else None
 
 
