@@ -75,18 +75,25 @@ def full_bias(bias, key_mask, causal: bool, t: int, s: int):
 
 
 def xla_attention(q, k, v, bias=None, key_mask=None, *, causal: bool = False, scale: float, dtype):
-    """The reference: q [B,T,N,H], k/v [B,K,S,H] -> [B,T,N,H], scores [B,K,G,T,S] with G = N/K."""
+    """The reference: q [B,T,N,H], k/v [B,K,S,H] -> [B,T,N,H]. With G = N/K > 1 the scores are
+    [B,K,G,T,S] (each kv head meets its G query heads); with G = 1 plain [B,N,T,S]."""
     b, t, n, h = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
     g = n // kv_heads
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q.reshape(b, t, kv_heads, g, h), k).astype(jnp.float32)
+    bias = full_bias(bias, key_mask, causal, t, s)
+    if g == 1:
+        q, spec_in, spec_out = jnp.swapaxes(q, 1, 2), "BNTH,BNSH->BNTS", "BNTS,BNSH->BNTH"
+    else:
+        q, spec_in, spec_out = q.reshape(b, t, kv_heads, g, h), "BTKGH,BKSH->BKGTS", "BKGTS,BKSH->BTKGH"
+        bias = None if bias is None else _grouped(bias, kv_heads)
+    scores = jnp.einsum(spec_in, q, k).astype(jnp.float32)
     if scale != 1.0:
         scores = scores * scale
-    bias = full_bias(bias, key_mask, causal, t, s)
     if bias is not None:
-        scores = scores + _grouped(bias, kv_heads)
+        scores = scores + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v.astype(dtype))
+    out = jnp.einsum(spec_out, probs, v.astype(dtype))
+    out = jnp.swapaxes(out, 1, 2) if g == 1 else out
     return out.reshape(b, t, n, v.shape[-1])
 
 
