@@ -1,4 +1,4 @@
-"""Matrix products with few rows on one CPU core: the decode steps of batched and beam search.
+"""Matrix products with few rows on CPU: the decode steps of batched and beam search.
 
 With 2-16 rows (batch x beams, one token each) a product is bound by streaming the
 kernel from memory, and XLA:CPU streams a large kernel poorly in one piece. Summing
@@ -6,20 +6,19 @@ the products of contiguous slabs of kernel rows (blocks of the contracted axis, 
 at most `SLAB_BYTES`) runs faster: on one core of an EPYC, fp32, 5 rows, kernels cold
 in cache: 512 x 32001 7.7 -> 5.8 ms, 512 x 1376 0.27 -> 0.22 ms, 4096 x 4096 6.4 -> 4.9 ms.
 One row (a GEMV) and many rows (prefill, training) keep the plain product, which
-is faster there; so do meshes, where a loop over a sharded axis would regather it,
-and processes that give XLA more than one core: there the plain product streams
-the kernel on every core at once (measured on two cores, a decode-like loop at 5
-and 8 rows: slabs 12% and 2% slower; on one core 25% and 20% faster).
+is faster there; so do meshes, where a loop over a sharded axis would regather it.
+
+The slab loop is only the CPU branch of `jax.lax.platform_dependent` (`or_slabs`): the
+program compiled for a GPU or TPU holds the plain product alone, whatever host traced it.
 """
 from __future__ import annotations
 
-import os
+import math
 
 import jax
 import jax.numpy as jnp
 
 MAX_ROWS = 16
-MAX_CORES = 1
 SLAB_BYTES = 4 << 20
 MIN_KERNEL_BYTES = 1 << 20
 # Each slab's product writes an [M, N] partial sum that the next one adds to: slabs of
@@ -28,36 +27,38 @@ MIN_KERNEL_BYTES = 1 << 20
 GOOD_SLAB_ROWS, MIN_SLAB_ROWS = 64, 16
 
 
-def on_one_cpu_device() -> bool:
-    if jax.default_backend() != "cpu":
-        return False
+def unpartitioned() -> bool:
+    """No mesh (or a one-device mesh) partitions the program being traced."""
     mesh = jax.sharding.get_abstract_mesh()
     return mesh.empty or mesh.size == 1
-
-
-def cores() -> int:
-    """Cores this process may run on (XLA:CPU sizes its thread pool from them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def slab_rows(rows: int, kernel_shape: tuple[int, int], itemsize: int) -> int | None:
     """Kernel rows per slab for `rows` input rows, or None for the plain product."""
     k, n = kernel_shape
-    if not 2 <= rows <= MAX_ROWS or k * n * itemsize < MIN_KERNEL_BYTES:
-        return None
-    if cores() > MAX_CORES or not on_one_cpu_device():
+    if not 2 <= rows <= MAX_ROWS or k * n * itemsize < MIN_KERNEL_BYTES or not unpartitioned():
         return None
     cap = min(k // 2, max(SLAB_BYTES // (n * itemsize), GOOD_SLAB_ROWS))
     return max((r for r in range(MIN_SLAB_ROWS, cap + 1) if k % r == 0), default=None)
 
 
+def or_slabs(plain, x, kernel, n_in: int = 1):
+    """`plain(x, kernel)` (x's last `n_in` axes against kernel's first `n_in`), with the slab
+    loop as its CPU branch where `slab_rows` says so."""
+    batch_shape, out_shape = x.shape[:x.ndim - n_in], kernel.shape[n_in:]
+    k, n = math.prod(kernel.shape[:n_in]), math.prod(out_shape)
+    r = slab_rows(math.prod(batch_shape), (k, n), kernel.dtype.itemsize)
+    if r is None:
+        return plain(x, kernel)
+
+    def slabs(x, kernel):
+        return slab_product(x.reshape(-1, k), kernel.reshape(k, n), r).reshape(batch_shape + out_shape)
+    return jax.lax.platform_dependent(x, kernel, cpu=slabs, default=plain)
+
+
 def matmul(x, kernel):
-    """x [M, K] @ kernel [K, N], slab by slab when `slab_rows` says so."""
-    r = slab_rows(x.shape[0], kernel.shape, kernel.dtype.itemsize)
-    return x @ kernel if r is None else slab_product(x, kernel, r)
+    """x [M, K] @ kernel [K, N], slab by slab on CPU when `slab_rows` says so."""
+    return or_slabs(jnp.matmul, x, kernel)
 
 
 def slab_product(x, kernel, r: int):

@@ -1,22 +1,16 @@
-"""Products with few rows on one CPU core (decode steps) go slab by slab: same values as the plain
-product; the plain product for one row, many rows, small kernels, several cores and meshes."""
+"""Products with few rows on CPU (decode steps) go slab by slab: same values as the plain product;
+the plain product for one row, many rows, small kernels and meshes, and in every program
+compiled for another platform."""
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jblip import cpu_dot
 from jblip.layers import Linear
 from jblip.sharding import activation_rules, make_mesh
-
-
-@pytest.fixture(autouse=True)
-def any_core_count(monkeypatch):
-    """The slab path is for processes on one core; these tests run wherever."""
-    monkeypatch.setattr(cpu_dot, "MAX_CORES", 1 << 20)
 
 
 def arrays(m, k, n, seed=0):
@@ -67,12 +61,13 @@ def test_linear_uses_slabs_for_multi_axis_kernels():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_several_cores_use_the_plain_product(monkeypatch):
-    monkeypatch.setattr(cpu_dot, "cores", lambda: 2)
-    monkeypatch.setattr(cpu_dot, "MAX_CORES", 1)
-    assert cpu_dot.slab_rows(5, (512, 32001), 4) is None
-    monkeypatch.setattr(cpu_dot, "cores", lambda: 1)
-    assert cpu_dot.slab_rows(5, (512, 32001), 4) == 64
+def test_slabs_are_the_cpu_branch_only():
+    x, w = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays(5, 512, 32001))
+    lowered = lambda platforms: jax.export.export(jax.jit(cpu_dot.matmul), platforms=platforms)(x, w).mlir_module()
+    assert "while" in lowered(("cpu",))              # the slab loop
+    assert "while" not in lowered(("tpu", "cuda"))   # one dot_general
+    x1 = jax.ShapeDtypeStruct((1, 512), jnp.float32)  # a GEMV: no branch at all
+    assert "case" not in jax.jit(cpu_dot.matmul).lower(x1, w).as_text()
 
 
 def test_meshes_use_the_plain_product():

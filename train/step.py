@@ -65,6 +65,7 @@ def _jit(fn, placement: Placement | None, in_shardings, out_shardings, donate=()
     def run(*args):  # activation constraints resolve while tracing, under the mesh's rules
         with sharding.activation_rules(placement.mesh, placement.rules):
             return jitted(*args)
+    run.jitted = jitted  # for `jax.export` / `.lower` (inside `activation_rules`)
     return run
 
 
