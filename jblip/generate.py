@@ -3,8 +3,9 @@
 Works for decoder-only LMs (LLaMA, OPT: left-padded prompt, KV cache of
 prompt + max_new_tokens slots) and Flan-T5 (encoder once, cross-attention K/V
 once, decoder KV cache). Semantics follow HF `generate` so tokens can be
-compared one for one: see `jblip.sampling` for the processors and `_beam_loop`
-for HF's vectorised beam search.
+compared one for one: see `jblip.processors` for the processors and `_beam_loop`
+for HF's vectorised beam search. The knobs arrive as per-row arrays (`jblip.sampling.RowSampler`),
+so new values reuse the compiled program; only `jblip.sampling.StaticSampler` is static.
 """
 from __future__ import annotations
 

@@ -186,8 +186,10 @@ class VisionLanguageModel:
     # ------------------------------------------------------------------ generation
     def default_sampler(self) -> SamplerConfig:
         text = self.config.text
-        pad = max(getattr(text, "pad_token_id", 0), 0)
-        return SamplerConfig(eos_token_ids=(text.eos_token_id,), pad_token_id=pad)
+        pad = max(getattr(text, "pad_token_id", 0) or 0, 0)
+        eos = text.eos_token_id
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        return SamplerConfig(eos_token_ids=eos, pad_token_id=pad)
 
     @functools.cached_property
     def _generate_jit(self):

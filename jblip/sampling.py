@@ -63,6 +63,8 @@ class SamplerConfig:
             value = getattr(self, name)
             if not np.isscalar(value):
                 object.__setattr__(self, name, tuple(np.asarray(value).reshape(-1).tolist()))
+        eos = self.eos_token_ids
+        object.__setattr__(self, "eos_token_ids", (eos,) if np.isscalar(eos) else tuple(eos))
         _validate(self)
 
     def replace(self, **changes) -> "SamplerConfig":
@@ -120,6 +122,9 @@ def _validate(cfg: SamplerConfig):
         raise ValueError(f"num_beams={cfg.num_beams} needs strategy='beam'")
     if cfg.strategy == "greedy" and cfg.num_return_sequences != 1:
         raise ValueError("greedy decoding returns one sequence per input; use strategy='sample' or 'beam'")
+    for token in cfg.eos_token_ids:
+        _check_int("eos_token_ids", token, 0)
+    _check_int("pad_token_id", cfg.pad_token_id, 0)
     if cfg.early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {cfg.early_stopping!r}")
     caps = (("max_new_tokens_cap", "max_new_tokens", 1), ("top_k_cap", "top_k", 0),

@@ -235,6 +235,8 @@ def test_per_row_limits_and_penalties_equal_hf_per_setting(setup, strategy):
     (dict(early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),
     (dict(max_new_tokens=40, max_new_tokens_cap=32), "max_new_tokens_cap=32 is below the largest max_new_tokens 40"),
     (dict(top_k=100, top_k_cap=64), "top_k_cap=64 is below the largest top_k 100"),
+    (dict(eos_token_ids=(2, -1)), "eos_token_ids must be an integer >= 0, got -1"),
+    (dict(pad_token_id=1.5), "pad_token_id must be an integer >= 0, got 1.5"),
 ])
 def test_bad_knobs_fail_with_a_message_naming_them(options, message):
     with pytest.raises(ValueError, match=message) as error:
