@@ -76,7 +76,7 @@ def setup(tmp_path_factory):
     q_ids, q_mask = right_padded_text([3, 7, 2], 99, 0)
     inputs = dict(pixel_values=pixels, input_ids=ids, attention_mask=mask, qformer_input_ids=q_ids,
                   qformer_attention_mask=q_mask)
-    return hf, model, inputs
+    return hf, model, inputs, str(path)
 
 
 def _row_alone(inputs, i):
@@ -94,7 +94,7 @@ def _compiles(model):
 
 
 def test_sweeping_knobs_within_a_bucket_never_recompiles(setup):
-    _, model, inputs = setup
+    _, model, inputs, _ = setup
     base = dict(strategy="sample", temperature=0.8, top_p=0.9, top_k=5, repetition_penalty=1.3,
                 no_repeat_ngram_size=2, min_new_tokens=1, max_new_tokens=NEW, eos_token_ids=(2,))
     before = _compiles(model)
@@ -125,7 +125,7 @@ def test_sweeping_knobs_within_a_bucket_never_recompiles(setup):
 
 
 def test_beam_knobs_never_recompile(setup):
-    _, model, inputs = setup
+    _, model, inputs, _ = setup
     beam = dict(strategy="beam", num_beams=3, max_new_tokens=NEW, min_new_tokens=1, repetition_penalty=1.5,
                 eos_token_ids=(2,))
     model.generate(**inputs, **beam)
@@ -137,7 +137,7 @@ def test_beam_knobs_never_recompile(setup):
 
 
 def test_mixed_sampling_rows_equal_each_row_alone(setup):
-    _, model, inputs = setup
+    _, model, inputs, _ = setup
     knobs = dict(temperature=[0.7, 1.5, 1.0], top_p=[0.8, 1.0, 0.95], top_k=[0, 7, 20],
                  repetition_penalty=[1.0, 1.4, 1.2], max_new_tokens=[NEW, 3, 6], min_new_tokens=[0, 2, 1])
     seeds = [11, 12, 13]
@@ -157,7 +157,7 @@ def test_mixed_sampling_rows_equal_each_row_alone(setup):
 
 
 def test_mixed_beam_rows_equal_each_row_alone(setup):
-    _, model, inputs = setup
+    _, model, inputs, _ = setup
     knobs = dict(length_penalty=[1.0, -2.0, 3.0], max_new_tokens=[NEW, 4, 6], repetition_penalty=[1.5, 1.0, 1.2],
                  no_repeat_ngram_size=[0, 2, 1])
     # every processor compiled in, so each row alone (batch of 1) shares one program
@@ -169,6 +169,17 @@ def test_mixed_beam_rows_equal_each_row_alone(setup):
         width = own["max_new_tokens"]
         np.testing.assert_array_equal(np.asarray(alone.tokens), np.asarray(batch.tokens)[2 * i:2 * i + 2, :width])
         np.testing.assert_allclose(np.asarray(alone.scores), np.asarray(batch.scores)[2 * i:2 * i + 2], rtol=1e-5)
+
+
+def test_mixed_rows_on_a_mesh_equal_one_device(setup):
+    from jblip import sharding
+    _, model, inputs, path = setup
+    sharded = jblip.load_pretrained(path, mesh=sharding.make_mesh("data=2,fsdp=2,tensor=2"))
+    knobs = dict(strategy="sample", temperature=[0.7, 1.3, 2.0], top_k=[0, 5, 9], top_p=[0.9, 1.0, 0.8],
+                 max_new_tokens=[6, 3, 5], repetition_penalty=[1.0, 1.2, 1.5], eos_token_ids=(2,), seed=[4, 5, 6])
+    one, mesh = model.generate(**inputs, **knobs), sharded.generate(**inputs, **knobs)
+    np.testing.assert_array_equal(np.asarray(mesh.tokens), np.asarray(one.tokens))
+    np.testing.assert_array_equal(np.asarray(mesh.lengths), np.asarray(one.lengths))
 
 
 def _hf_generate(hf, inputs, **options):
@@ -189,7 +200,7 @@ def _assert_prefix_equal(ours, ref, eos, width):
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_per_row_limits_and_penalties_equal_hf_per_setting(setup, strategy):
     """Row i of one mixed batch equals HF run on the batch with row i's settings."""
-    hf, model, inputs = setup
+    hf, model, inputs, _ = setup
     eos = int(_hf_generate(hf, inputs, max_new_tokens=3, eos_token_id=127)[0, 2])  # emitted, so rows stop early
     knobs = dict(max_new_tokens=[NEW, 3, 6], repetition_penalty=[1.0, 1.5, 1.2], no_repeat_ngram_size=[2, 0, 1],
                  min_new_tokens=[0, 2, 1])
