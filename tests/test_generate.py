@@ -129,7 +129,7 @@ def test_batch_invariance_and_single_compile_per_bucket(setup):
 
 
 def test_argmax_matches_jnp_argmax_with_ties_and_nans():
-    from jblip.sampling import argmax
+    from jblip.processors import argmax
     scores = np.array([[1.0, 3.0, 3.0, 0.0], [-np.inf] * 4, [0.0, np.nan, 5.0, np.nan], [2.0, 1.0, 0.0, 2.0]],
                       np.float32)
     np.testing.assert_array_equal(argmax(scores), np.argmax(scores, axis=-1))
