@@ -1,0 +1,104 @@
+"""`jblip eval --task TASK --data FILES... --images DIR --out DIR`: a benchmark with its paper protocol.
+
+Reads the benchmark's own files, prompts and decodes as LAVIS and the
+InstructBLIP / BLIP-2 papers do for the model's family (see
+jblip/evaluation/<task>.py and protocols.py), writes predictions as they come
+to OUT/predictions.jsonl (a rerun resumes where it stopped), then
+OUT/<benchmark>_results.json in the benchmark's official format and
+OUT/metrics.json with a per-type breakdown, and prints the score as the last line.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from jblip.commands.common import add_model_arguments, checkpoint_path, enable_compilation_cache
+from jblip.processing import DEFAULT_MAX_LENGTH
+
+
+def add_arguments(parser):
+    from jblip.evaluation import TASKS
+    add_model_arguments(parser)
+    parser.add_argument("--task", required=True, choices=list(TASKS),
+                        help="; ".join(f"{n}: {t.summary}" for n, t in TASKS.items()))
+    parser.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                        help="the benchmark's files in their official format (see the task's --task help)")
+    parser.add_argument("--images", required=True, metavar="DIR", help="folder with the benchmark's images")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder; resumed from if it holds predictions of an earlier run")
+    parser.add_argument("--split", help="split to evaluate for files holding several (scienceqa, coco-karpathy; "
+                                        "default test)")
+    parser.add_argument("--mesh", metavar="SPEC", help="shard the model over a device mesh, e.g. data=2,fsdp=4 "
+                                                       "(default: one device)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="threads decoding images ahead of the model")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples (a quick check)")
+    g = parser.add_argument_group("protocol overrides (default: the task's published settings)")
+    g.add_argument("--prompt", help="prompt template with the task's fields in braces, e.g. "
+                                    "'Question: {question} Answer:'")
+    g.add_argument("--beams", type=int, dest="num_beams")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--min-new-tokens", type=int)
+    g.add_argument("--length-penalty", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help=f"longest prompt in tokens, longer ones keep their end (default {DEFAULT_MAX_LENGTH}, as LAVIS)")
+
+
+def run(args) -> int:
+    from jblip.evaluation import make_task
+    from jblip.evaluation.runner import check_unique, finish, predict
+    from jblip.processing import Processor
+
+    task = make_task(args.task, args.split)
+    examples = task.load(args.data, args.images)
+    if args.limit is not None:
+        examples = examples[:max(args.limit, 0)]
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    check_unique(examples)
+    path = checkpoint_path(args)
+    processor = Processor.from_pretrained(path)
+    config = processor.config
+    protocol = task.protocol(config.model_type, config.family)
+    template = protocol.prompt if args.prompt is None else args.prompt
+    decoding = protocol.decoding.replace(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                                         min_new_tokens=args.min_new_tokens, length_penalty=args.length_penalty,
+                                         repetition_penalty=args.repetition_penalty)
+    print(f"eval: {task.name}, {len(examples)} examples, {config.model_type}/{config.family}; prompt "
+          f"{template!r}; {decoding}", file=sys.stderr)
+    os.makedirs(args.out, exist_ok=True)
+    generate = _generator(path, args, processor, decoding)
+    try:
+        records = predict(task, examples, template, generate, processor.image_processor, args.out,
+                          args.batch_size, args.workers)
+    except KeyboardInterrupt:
+        return 130
+    metrics, summary = finish(task, examples, records, args.out)
+    for note in (metrics or {}).get("notes", []):
+        print(f"eval: note: {note}", file=sys.stderr)
+    print(summary)
+    return 0
+
+
+def _generator(path, args, processor, decoding):
+    """(pixels, prompts) -> texts, with the model loaded on first use (a finished run never loads it)."""
+    state = {}
+
+    def generate(pixels, prompts):
+        if "model" not in state:
+            from jblip.pipeline import sampler_for
+            from jblip.pretrained import load_pretrained
+            enable_compilation_cache()
+            mesh = None
+            if args.mesh:
+                from jblip.sharding import make_mesh
+                mesh = make_mesh(args.mesh)
+            model = load_pretrained(path, precision=args.precision, mesh=mesh)
+            model._jblip_processor = processor
+            state["model"], state["sampler"] = model, sampler_for(model, **decoding.sampler_options())
+        text = processor.text_inputs(prompts, len(prompts), args.max_length, True)
+        output = state["model"].generate(pixel_values=pixels, **text, sampler=state["sampler"], seed=0)
+        return processor.decode(output)
+    return generate
