@@ -58,9 +58,10 @@ def _spice_models_present() -> bool:
 
 
 def caption_scores(references: Mapping[str, Sequence[str]], predictions: Mapping[str, str],
-                   java: bool | None = None) -> tuple[dict[str, float], list[str]]:
+                   java: bool | None = None, meteor_spice: bool = True) -> tuple[dict[str, float], list[str]]:
     """({metric: value}, notes) for one prediction per image against its references; images are
-    the keys of `references` (each must have a prediction)."""
+    the keys of `references` (each must have a prediction). `java`: use the Java tools (default:
+    when Java is found); `meteor_spice=False` skips the two slow Java scorers."""
     _pycocoevalcap()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -81,7 +82,7 @@ def caption_scores(references: Mapping[str, Sequence[str]], predictions: Mapping
         scores.update({f"BLEU-{n + 1}": b for n, b in enumerate(bleu)})
         scores["ROUGE-L"], _ = Rouge().compute_score(refs, preds)
         scores["CIDEr-D"], _ = Cider().compute_score(refs, preds)
-        if java:
+        if java and meteor_spice:
             from pycocoevalcap.meteor.meteor import Meteor
             scores["METEOR"], _ = Meteor().compute_score(refs, preds)
             if _spice_models_present():
