@@ -16,6 +16,7 @@ from jblip.evaluation.runner import PREDICTIONS, finish, predict
 
 class Images:
     """A stand-in image processor: any file that exists is an image, unless it says "corrupt"."""
+    image_size = 4
 
     def preprocess_one(self, path, name):
         with open(path, "rb") as f:

@@ -6,6 +6,13 @@ jblip/evaluation/<task>.py and protocols.py), writes predictions as they come
 to OUT/predictions.jsonl (a rerun resumes where it stopped), then
 OUT/<benchmark>_results.json in the benchmark's official format and
 OUT/metrics.json with a per-type breakdown, and prints the score as the last line.
+
+On several processes (`--distributed`, or a program that has called
+`jax.distributed.initialize` before `jblip.cli.main`), every process runs the
+same command on the same files: each reads the images of its share of every
+batch, the model is sharded over --mesh across all of them, each appends its
+share's predictions to its own file in OUT (which must be shared storage), and
+process 0 merges them and scores. A rerun with any process count resumes.
 """
 from __future__ import annotations
 
@@ -30,7 +37,12 @@ def add_arguments(parser):
                                         "default test)")
     parser.add_argument("--mesh", metavar="SPEC", help="shard the model over a device mesh, e.g. data=2,fsdp=4 "
                                                        "(default: one device)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--distributed", action="store_true",
+                        help="join the other processes of a multi-host run (jax.distributed.initialize with "
+                             "the cluster's auto-detection, e.g. on a TPU pod); every process runs this same "
+                             "command and reads its share of each batch")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="global batch (a multiple of the process count; default 8)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads decoding images ahead of the model")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples (a quick check)")
@@ -48,8 +60,14 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from jblip.evaluation import make_task
+    from jblip.evaluation.hosts import Hosts
     from jblip.evaluation.runner import check_unique, finish, predict
     from jblip.processing import Processor
+
+    if args.distributed:
+        import jax
+        jax.distributed.initialize()
+    hosts = Hosts.current()
 
     task = make_task(args.task, args.split)
     examples = task.load(args.data, args.images)
@@ -66,15 +84,19 @@ def run(args) -> int:
     decoding = protocol.decoding.replace(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                          min_new_tokens=args.min_new_tokens, length_penalty=args.length_penalty,
                                          repetition_penalty=args.repetition_penalty)
-    print(f"eval: {task.name}, {len(examples)} examples, {config.model_type}/{config.family}; prompt "
-          f"{template!r}; {decoding}", file=sys.stderr)
+    if hosts.index == 0:
+        print(f"eval: {task.name}, {len(examples)} examples, {config.model_type}/{config.family}; prompt "
+              f"{template!r}; {decoding}" + (f"; {hosts.count} processes" if hosts.count > 1 else ""),
+              file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
-    generate = _generator(path, args, processor, decoding)
+    generate = _generator(path, args, processor, decoding, hosts)
     try:
         records = predict(task, examples, template, generate, processor.image_processor, args.out,
-                          args.batch_size, args.workers)
+                          args.batch_size, args.workers, hosts)
     except KeyboardInterrupt:
         return 130
+    if hosts.index != 0:
+        return 0  # process 0 writes the results and the score
     metrics, summary = finish(task, examples, records, args.out)
     for note in (metrics or {}).get("notes", []):
         print(f"eval: note: {note}", file=sys.stderr)
@@ -82,8 +104,9 @@ def run(args) -> int:
     return 0
 
 
-def _generator(path, args, processor, decoding):
-    """(pixels, prompts) -> texts, with the model loaded on first use (a finished run never loads it)."""
+def _generator(path, args, processor, decoding, hosts):
+    """(pixels, prompts) -> texts for the global batch, with the model loaded on first use (a
+    finished run never loads it)."""
     state = {}
 
     def generate(pixels, prompts):
@@ -100,5 +123,5 @@ def _generator(path, args, processor, decoding):
             state["model"], state["sampler"] = model, sampler_for(model, **decoding.sampler_options())
         text = processor.text_inputs(prompts, len(prompts), args.max_length, True)
         output = state["model"].generate(pixel_values=pixels, **text, sampler=state["sampler"], seed=0)
-        return processor.decode(output)
+        return processor.decode(hosts.fetch(output.tokens), hosts.fetch(output.lengths))
     return generate

@@ -19,10 +19,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jblip.evaluation.predictions import PredictionWriter, read_predictions
+from jblip.evaluation.hosts import Hosts
+from jblip.evaluation.predictions import PredictionWriter, merge, process_file, read_all
 from jblip.evaluation.task import Example, Task
 
-PREDICTIONS = "predictions.jsonl"
+PREDICTIONS = "predictions.jsonl"  # the merged file
 METRICS = "metrics.json"
 
 # (pixels [B, S, S, 3], prompts [B]) -> generated texts [B]
@@ -69,50 +70,69 @@ def _load(image_processor, path):
 
 
 def predict(task: Task, examples: Sequence[Example], template: str, generate: Generate, image_processor,
-            out_dir: str, batch_size: int, workers: int = 4) -> dict[str, dict]:
-    """Generate answers for the examples not yet in `out_dir/predictions.jsonl`; returns every
-    prediction record there (key -> record)."""
+            out_dir: str, batch_size: int, workers: int = 4, hosts: Hosts | None = None) -> dict[str, dict]:
+    """Generate answers for the examples not yet in the predictions files of `out_dir`; returns
+    every prediction record there (key -> record). On several processes (`hosts`), each reads
+    the images of its share of every batch and writes the records of that share."""
+    hosts = hosts or Hosts()
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    path = os.path.join(out_dir, PREDICTIONS)
-    done = read_predictions(path)
-    known = {e.key for e in examples}
-    stray = sorted(set(done) - known)
+    mine = hosts.share(batch_size)
+    done = read_all(out_dir)
+    stray = sorted(set(done) - {e.key for e in examples})
     if stray:
-        raise ValueError(f"{path} has predictions for {len(stray)} examples that are not in this data "
+        raise ValueError(f"{out_dir} has predictions for {len(stray)} examples that are not in this data "
                          f"(e.g. {stray[0]!r}); was it written for another task or file? choose another --out")
     todo = [e for e in examples if e.key not in done]
+    talk = hosts.index == 0
     if not todo:
-        print(f"eval: all {len(examples)} examples are already in {path}", file=sys.stderr)
+        if talk:
+            print(f"eval: all {len(examples)} examples are already in {out_dir}", file=sys.stderr)
         return done
-    print(f"eval: {len(todo)} examples to run, {len(done)} already in {path}", file=sys.stderr)
+    if talk:
+        print(f"eval: {len(todo)} examples to run, {len(done)} already in {out_dir}", file=sys.stderr)
     prompts = {e.key: task.prompt(e, template) for e in todo}  # template errors before any work
+    # every batch full: a short last one is filled with copies of its last example (never written)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     progress = Progress(len(todo))
+    path = process_file(out_dir, hosts.index, hosts.count)
     with PredictionWriter(path) as out, ThreadPoolExecutor(max(1, workers)) as pool:
-        submit = lambda batch: [pool.submit(_load, image_processor, e.image) for e in batch]  # noqa: E731
+        def submit(batch):
+            rows = (batch + [batch[-1]] * (batch_size - len(batch)))[mine]
+            return [pool.submit(_load, image_processor, e.image) for e in rows]
         ahead = submit(batches[0])
         try:
             for i, batch in enumerate(batches):
                 loaded = [f.result() for f in ahead]
                 if i + 1 < len(batches):
                     ahead = submit(batches[i + 1])  # decode the next images while the model runs
-                good = []
-                for e, (pixels, error) in zip(batch, loaded):
-                    if error is None:
-                        good.append((e, pixels))
-                    else:
-                        progress.bad += 1
-                        print(f"eval: skipped {e.key}: {error}", file=sys.stderr)
-                if good:
-                    fill = [good[-1]] * (batch_size - len(good))
-                    texts = generate(np.stack([p for _, p in good + fill]), [prompts[e.key] for e, _ in good + fill])
-                    records = [{"key": e.key, "id": e.id, "output": t, "answer": task.answer(t, e)}
-                               for (e, _), t in zip(good, texts)]
-                    out.write(records)
-                    done.update((r["key"], r) for r in records)
-                    progress.done += len(good)
-                progress.update()
+                rows = list(range(batch_size))[mine]
+                readable = [error is None for _, error in loaded]
+                for r, (pixels, error) in zip(rows, loaded):
+                    if error is not None and r < len(batch):
+                        print(f"eval: skipped {batch[r].key}: {error}", file=sys.stderr)
+                shape = next((p.shape for p, _ in loaded if p is not None), None)
+                ok = hosts.gather(np.asarray(readable, np.int32))
+                if not ok.any():
+                    progress.bad += len(batch)
+                    continue
+                if shape is None:  # this process could read none of its rows
+                    size = image_processor.image_size
+                    shape = (size, size, 3)
+                local = np.stack([p if p is not None else np.zeros(shape, np.float32) for p, _ in loaded])
+                pixels = hosts.gather(local)
+                full = batch + [batch[-1]] * (batch_size - len(batch))
+                texts = generate(pixels, [prompts[e.key] for e in full])
+                records = [{"key": full[r].key, "id": full[r].id, "output": texts[r],
+                            "answer": task.answer(texts[r], full[r])}
+                           for r in rows if r < len(batch) and ok[r]]
+                out.write(records)
+                done.update((rec["key"], rec) for rec in records)
+                good = int(ok[:len(batch)].sum())
+                progress.done += good
+                progress.bad += len(batch) - good
+                if talk:
+                    progress.update()
         except KeyboardInterrupt:
             for f in ahead:
                 f.cancel()
@@ -121,6 +141,12 @@ def predict(task: Task, examples: Sequence[Example], template: str, generate: Ge
                   file=sys.stderr)
             raise
     progress.finish()
+    hosts.barrier("jblip-eval-predicted")
+    done = read_all(out_dir)  # every process's records
+    if hosts.count > 1:
+        if hosts.index == 0:
+            merge(out_dir, done, [e.key for e in examples])
+        hosts.barrier("jblip-eval-merged")
     return done
 
 
