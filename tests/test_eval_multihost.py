@@ -15,7 +15,7 @@ import pytest
 from jblip.cli import main
 from jblip.pipeline import DEFAULT_MODEL
 from tests.test_eval_demo import write_vqav2
-from tests.test_multihost import ROOT, TIMEOUT_S, free_port, run_processes
+from tests.test_multihost import ROOT, TIMEOUT_S, free_port
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")),
                                 reason="demo model not bundled")
@@ -26,7 +26,39 @@ MESH = "data=2,fsdp=4"  # the model and the batch over both processes' devices
 def eval_args(data, out):
     files, _ = data
     return ["--task", "vqav2", "--data", *files, "--images", os.path.dirname(files[0]), "--out", str(out),
-            "--prompt", "{question}", "--mesh", MESH, "--batch-size", "4", "--workers", "2"]
+            "--prompt", "{question}", "--mesh", MESH, "--batch-size", "4", "--workers", "2",
+            "--beams", "1", "--max-new-tokens", "3"]  # greedy, short: one-word answers, cheap compiles
+
+
+def spawn(args, logs) -> list[subprocess.Popen]:
+    """Two eval processes of 4 CPU devices each, joined over 127.0.0.1 (the test suite's cheaper
+    XLA backend pass pipeline, as tests/conftest.py sets for in-process tests)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    port = free_port()
+    os.makedirs(logs, exist_ok=True)
+    procs = []
+    for i in range(2):
+        with open(os.path.join(logs, f"process{i}.log"), "w") as log:  # a file: a full pipe would block it
+            procs.append(subprocess.Popen([sys.executable, "-m", "tests.multihost_eval_worker", str(i), "2",
+                                           str(port), *args], cwd=ROOT, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+    return procs
+
+
+def finish_all(procs, logs):
+    try:
+        for p in procs:
+            p.wait(timeout=TIMEOUT_S)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        if p.returncode != 0:
+            with open(os.path.join(logs, f"process{i}.log")) as f:
+                raise AssertionError(f"process {i} failed:\n{f.read()[-4000:]}")
 
 
 def records(out) -> list[tuple[str, str]]:
@@ -41,7 +73,7 @@ def test_two_processes_evaluate_like_one_and_resume(tmp_path, capsys, private_xl
     one = records(tmp_path / "one")
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
 
-    run_processes("tests.multihost_eval_worker", lambda i: eval_args(data, tmp_path / "two"))
+    finish_all(spawn(eval_args(data, tmp_path / "two"), tmp_path / "logs-two"), tmp_path / "logs-two")
     two = records(tmp_path / "two")
     assert sorted(two) == sorted(one) and len(two) == len(truth)
     assert sorted(os.listdir(tmp_path / "two")) == ["metrics.json", "predictions.jsonl", "vqa_results.json"]
@@ -50,12 +82,7 @@ def test_two_processes_evaluate_like_one_and_resume(tmp_path, capsys, private_xl
 
     # kill process 1 once it has written a batch; process 0 then waits on it in a collective
     out = tmp_path / "killed"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_eval_worker", str(i), "2", str(port),
-                               *eval_args(data, out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for i in range(2)]
+    procs = spawn(eval_args(data, out), tmp_path / "logs-killed")
     part = out / "predictions.p1.jsonl"
     deadline = time.time() + TIMEOUT_S
     try:
@@ -72,7 +99,7 @@ def test_two_processes_evaluate_like_one_and_resume(tmp_path, capsys, private_xl
     assert 0 < written < len(truth), "the kill came before the first or after the last batch"
     assert not (out / "predictions.jsonl").exists()
 
-    run_processes("tests.multihost_eval_worker", lambda i: eval_args(data, out))
+    finish_all(spawn(eval_args(data, out), tmp_path / "logs-resumed"), tmp_path / "logs-resumed")
     resumed = records(out)
     assert len(resumed) == len({k for k, _ in resumed}) == len(truth)  # every question exactly once
     assert sorted(resumed) == sorted(one)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
+
 from jblip.commands.common import add_model_arguments, checkpoint_path, enable_compilation_cache
 from jblip.processing import DEFAULT_MAX_LENGTH
 
@@ -89,7 +91,8 @@ def run(args) -> int:
               f"{template!r}; {decoding}" + (f"; {hosts.count} processes" if hosts.count > 1 else ""),
               file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
-    generate = _generator(path, args, processor, decoding, hosts)
+    widths = _prompt_widths(processor, [task.prompt(e, template) for e in examples], args.max_length)
+    generate = _generator(path, args, processor, decoding, hosts, widths)
     try:
         records = predict(task, examples, template, generate, processor.image_processor, args.out,
                           args.batch_size, args.workers, hosts)
@@ -104,9 +107,38 @@ def run(args) -> int:
     return 0
 
 
-def _generator(path, args, processor, decoding, hosts):
+def _prompt_widths(processor, prompts, max_length, chunk: int = 4096) -> dict[str, int]:
+    """The widest token arrays (language model, Q-Former) over every prompt of the run: each
+    batch is padded to them, so that the model compiles once per run, not once per width."""
+    widths = {}
+    for i in range(0, len(prompts), chunk):
+        text = processor.text_inputs(prompts[i:i + chunk], None, max_length, True)
+        for name in ("input_ids", "qformer_input_ids"):
+            if text[name] is not None:
+                widths[name] = max(widths.get(name, 0), text[name].shape[1])
+    return widths
+
+
+def _pad_to(text: dict, widths: dict, left: bool, pad_ids: dict) -> dict:
+    """Masked padding up to `widths`: the language model's on the side generation pads it
+    (left for decoder-only models, right for Flan-T5), the Q-Former's on the right."""
+    out = dict(text)
+    for ids, mask, side in (("input_ids", "attention_mask", left), ("qformer_input_ids", "qformer_attention_mask", False)):
+        if text[ids] is None or text[ids].shape[1] >= widths[ids]:
+            continue
+        extra = widths[ids] - text[ids].shape[1]
+        spec = ((0, 0), (extra, 0)) if side else ((0, 0), (0, extra))
+        out[ids] = np.pad(text[ids], spec, constant_values=pad_ids[ids])
+        out[mask] = np.pad(text[mask], spec, constant_values=0)
+    return out
+
+
+def _generator(path, args, processor, decoding, hosts, widths):
     """(pixels, prompts) -> texts for the global batch, with the model loaded on first use (a
     finished run never loads it)."""
+    config = processor.config
+    pad_ids = {"input_ids": max(getattr(config.text, "pad_token_id", 0) or 0, 0),
+               "qformer_input_ids": config.qformer.pad_token_id or 0}
     state = {}
 
     def generate(pixels, prompts):
@@ -121,7 +153,8 @@ def _generator(path, args, processor, decoding, hosts):
             model = load_pretrained(path, precision=args.precision, mesh=mesh)
             model._jblip_processor = processor
             state["model"], state["sampler"] = model, sampler_for(model, **decoding.sampler_options())
-        text = processor.text_inputs(prompts, len(prompts), args.max_length, True)
+        text = _pad_to(processor.text_inputs(prompts, len(prompts), args.max_length, True), widths,
+                       config.family != "t5", pad_ids)
         output = state["model"].generate(pixel_values=pixels, **text, sampler=state["sampler"], seed=0)
         return processor.decode(hosts.fetch(output.tokens), hosts.fetch(output.lengths))
     return generate
