@@ -81,6 +81,27 @@ def test_vqa_accuracy_case_by_case(prediction, answers, expected):
     assert vqa_accuracy(prediction, answers) == pytest.approx(expected, abs=1e-12)
 
 
+def test_vizwiz_compares_human_answers_as_written():
+    # VQA: the nine "t-shirt" become "t shirt" and match the normalised prediction; VizWiz: they stay
+    assert vqa_accuracy("t-shirt", ["t-shirt"] * 9 + ["shirt"]) == 1.0
+    assert vqa_accuracy("t-shirt", ["t-shirt"] * 9 + ["shirt"], humans="vizwiz") == 0.0
+    assert vqa_accuracy("T shirt", ["t shirt"] * 9 + ["shirt"], humans="vizwiz") == 1.0
+
+
+def test_textvqa_evalai_normalises_both_sides():
+    # unanimous human answers are normalised too (the VQA script leaves them alone)
+    assert vqa_accuracy("t-shirt", ten("T-Shirt"), humans="evalai") == 1.0
+    assert vqa_accuracy("t-shirt", ten("T-Shirt")) == 0.0
+    assert vqa_accuracy("two", ten("two"), humans="evalai") == 1.0
+    # commas and question marks go before the punctuation rules; "'s" is split off
+    assert vqa_accuracy("dogs,cats", ten("dogscats"), humans="evalai") == 1.0
+    assert vqa_accuracy("dogs,cats", ten("dogs cats")) == 1.0
+    assert vqa_accuracy("joe's", ten("joe 's"), humans="evalai") == 1.0
+    assert vqa_accuracy("coca cola", ["coca cola"] * 2 + ["coke"] * 8, humans="evalai") == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="humans must be"):
+        vqa_accuracy("x", ["x"], humans="gqa")
+
+
 def test_vqa_normalisation_steps():
     assert normalise_prediction("The Two dogs, aren't they?") == "2 dogs aren't they"
     assert normalise_prediction("arent") == "aren't"

@@ -106,6 +106,8 @@ def test_vizwiz_keeps_unanswerable_apart(tmp_path):
     assert metrics["by_answer_type"]["unanswerable"]["score"] == pytest.approx(100.0)
     assert metrics["by_answer_type"]["other"]["score"] == pytest.approx(60.0)
     assert metrics["overall"] == pytest.approx(80.0)
+    # the one unanswerable question was called so, and nothing else was
+    assert metrics["unanswerable"] == {"precision": 100.0, "recall": 100.0, "f1": 100.0}
     assert {"image": "VizWiz_val_00000000.jpg", "answer": "unanswerable"} in results
 
 

@@ -13,8 +13,9 @@ prompt is "OCR tokens: {ocr}. Question: {question}" + the family's answer cue
 when the OCR file is given, else the plain short-answer template; decoding as
 `protocols.short_answer`.
 
-Metric: VQA accuracy (TextVQA's evaluation server uses the VQA formula),
-overall. Results file: `[{"question_id", "answer"}]`.
+Metric: VQA accuracy as TextVQA's EvalAI evaluator computes it (the VQA
+formula, with the prediction and every human answer normalised alike; see
+`metrics.vqa_accuracy`, humans="evalai"), overall. Results file: `[{"question_id", "answer"}]`.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ class TextVQA(Task):
         return protocols.short_answer(model_type, family, question)
 
     def score(self, examples, answers):
-        return breakdown((vqa_accuracy(answers.get(e.key, ""), e.reference), e.groups) for e in examples)
+        return breakdown((vqa_accuracy(answers.get(e.key, ""), e.reference, humans="evalai"), e.groups)
+                         for e in examples)
 
     def headline(self, metrics):
         return f"VQA accuracy {metrics['overall']:.2f}"

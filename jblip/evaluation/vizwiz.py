@@ -10,16 +10,21 @@ on it like on any other answer.
 Protocol: `protocols.short_answer` (the InstructBLIP paper evaluates VizWiz
 with its short-answer VQA template; the same 5-beam, 1-10 token decoding).
 
-Metric: VQA accuracy, as VizWiz's evaluation code (a port of the VQA script)
-computes it, overall, per answer type (including "unanswerable") and per
-answerable flag. Results file: `[{"image", "answer"}]`, the format of the
-VizWiz evaluation server (which keys questions by image).
+Metric: VQA accuracy as VizWiz's evaluation code (a port of the VQA script)
+computes it: the prediction is normalised as in the VQA script, the human
+answers are compared as written (the VQA script's punctuation pass over
+differing human answers is not in VizWiz's port); overall, per answer type
+(including "unanswerable") and per answerable flag. Answerability, which
+VizWiz scores from a predicted "answerable" flag: the answer "unanswerable"
+counts as predicting it, and its precision, recall and F1 against the
+`answerable` = 0 questions are reported. Results file: `[{"image", "answer"}]`,
+the format of the VizWiz evaluation server (which keys questions by image).
 """
 from __future__ import annotations
 
 from jblip.evaluation import protocols
 from jblip.evaluation.metrics.breakdown import breakdown
-from jblip.evaluation.metrics.vqa_accuracy import vqa_accuracy
+from jblip.evaluation.metrics.vqa_accuracy import normalise_prediction, vqa_accuracy
 from jblip.evaluation.task import Example, Task, find_image, read_json
 
 
@@ -48,7 +53,16 @@ class VizWiz(Task):
         return protocols.short_answer(model_type, family)
 
     def score(self, examples, answers):
-        return breakdown((vqa_accuracy(answers.get(e.key, ""), e.reference), e.groups) for e in examples)
+        result = breakdown((vqa_accuracy(answers.get(e.key, ""), e.reference, humans="vizwiz"), e.groups)
+                           for e in examples)
+        said = [normalise_prediction(answers.get(e.key, "")) == "unanswerable" for e in examples]
+        truly = [e.groups.get("answerable") == 0 for e in examples]
+        hits = sum(s and t for s, t in zip(said, truly))
+        precision = hits / sum(said) if any(said) else 0.0
+        recall = hits / sum(truly) if any(truly) else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+        result["unanswerable"] = {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1}
+        return result
 
     def headline(self, metrics):
         return f"VQA accuracy {metrics['overall']:.2f}"

@@ -25,6 +25,14 @@ the articles "a", "an", "the" are dropped; apostrophe-less contractions get
 their apostrophe back ("dont" -> "don't"). The table's few capitalised keys
 ("Im", "Ive", ...) can never match lower-cased words; that too is kept.
 
+Two benchmarks use ports of the script that differ in how the human answers are
+treated (`vqa_accuracy(..., humans=...)`):
+  * "vizwiz": VizWiz's port compares them as written (no step 2);
+  * "evalai": TextVQA's EvalAI evaluator (MMF's `EvalAIAnswerProcessor` with the
+    `TextVQAAccuracyEvaluator`) normalises the prediction and every human answer
+    the same way: lower-cased, every "," and "?" deleted and "'s" split off as
+    its own word ("it's" -> "it 's") first, then the steps of (1).
+
 Scores are reported in percent, unrounded (the script rounds to 2 decimals).
 Per type, the script in the VQA repository averages the last leave-one-out
 value instead of the question's mean (a known slip, fixed in LAVIS' copy);
@@ -101,13 +109,28 @@ def normalise_references(answers: Sequence[str]) -> list[str]:
     return answers
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+def normalise_evalai(answer: str) -> str:
+    """An answer (model's or human's) as TextVQA's EvalAI evaluator compares it."""
+    answer = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return normalise_prediction(answer)
+
+
+HUMAN_ANSWERS = ("vqa", "vizwiz", "evalai")
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], humans: str = "vqa") -> float:
     """One question's accuracy in [0, 1]: the mean over leave-one-out annotator sets of
-    min(#matches among the others / 3, 1)."""
+    min(#matches among the others / 3, 1). `humans`: how the answers are normalised before
+    they are compared, "vqa" (the VQA script), "vizwiz" or "evalai" (see above)."""
     if not answers:
         raise ValueError("a VQA question needs at least one human answer")
-    pred = normalise_prediction(prediction)
-    refs = normalise_references(answers)
+    if humans == "evalai":
+        pred, refs = normalise_evalai(prediction), [normalise_evalai(a) for a in answers]
+    elif humans in ("vqa", "vizwiz"):
+        pred = normalise_prediction(prediction)
+        refs = normalise_references(answers) if humans == "vqa" else list(answers)
+    else:
+        raise ValueError(f"humans must be one of {HUMAN_ANSWERS}, got {humans!r}")
     matches = sum(r == pred for r in refs)
     # leaving out annotator i removes one match exactly when annotator i gave the prediction
     return sum(min((matches - (r == pred)) / 3, 1.0) for r in refs) / len(refs)
