@@ -128,22 +128,28 @@ def test_textvqa_puts_ocr_tokens_in_the_prompt(tmp_path):
 
 AOKVQA = [{"question_id": "q1", "image_id": 42, "question": "What is the man holding?",
            "choices": ["umbrella", "bat", "kite", "phone"], "correct_choice_idx": 1,
-           "direct_answers": ["bat"] * 2 + ["baseball bat"] * 8, "difficult_direct_answer": False}]
+           "direct_answers": ["bat"] * 2 + ["baseball bat"] * 8, "difficult_direct_answer": False},
+          {"question_id": "q2", "image_id": 42, "question": "Why is he here?", "choices": ["game", "work", "rain", "fun"],
+           "correct_choice_idx": 0, "direct_answers": ["game"] * 10, "difficult_direct_answer": True}]
 
 
 def test_aokvqa_direct_answer_and_multiple_choice(tmp_path):
     touch(tmp_path / "img" / "val2017", "000000000042.jpg")
     data = write(tmp_path / "aokvqa_v1p0_val.json", AOKVQA)
-    replies = {"Question: What is the man holding? Short answer:": "Bat."}
+    replies = {"Question: What is the man holding? Short answer:": "Bat.", "Question: Why is he here? Short answer:": "x"}
     metrics, _, results, _ = evaluate(make_task("aokvqa"), [data], str(tmp_path / "img"), tmp_path / "da", replies)
-    # "Bat." -> "bat"; 2 of the 10 direct answers equal it: min(2/3, 1) (A-OKVQA does not average subsets)
-    assert metrics["overall"] == pytest.approx(100 * 2 / 3)
-    assert results == {"q1": {"direct_answer": "bat"}}
+    # "Bat." -> "bat"; 2 of the 10 direct answers equal it: min(2/3, 1) (A-OKVQA does not average subsets);
+    # q2 is marked difficult: A-OKVQA leaves it out of the direct-answer score
+    assert metrics["overall"] == pytest.approx(100 * 2 / 3) and metrics["count"] == 1
+    assert metrics["difficult_not_scored"] == 1
+    assert results == {"q1": {"direct_answer": "bat"}, "q2": {"direct_answer": "x"}}
     mc = make_task("aokvqa-mc")
     prompt = "Question: What is the man holding? Options: (a) umbrella (b) bat (c) kite (d) phone Short answer:"
     assert mc.prompt(mc.load([data], str(tmp_path / "img"))[0], mc.protocol("instructblip", "llama").prompt) == prompt
-    metrics, _, results, _ = evaluate(mc, [data], str(tmp_path / "img"), tmp_path / "mc", {prompt: "(b)"})
-    assert metrics["overall"] == 100.0 and results == {"q1": {"multiple_choice": "bat"}}
+    other = "Question: Why is he here? Options: (a) game (b) work (c) rain (d) fun Short answer:"
+    metrics, _, results, _ = evaluate(mc, [data], str(tmp_path / "img"), tmp_path / "mc", {prompt: "(b)", other: "work"})
+    assert metrics["overall"] == 50.0  # multiple choice scores every question
+    assert results == {"q1": {"multiple_choice": "bat"}, "q2": {"multiple_choice": "work"}}
 
 
 def test_scienceqa_img_subset(tmp_path):

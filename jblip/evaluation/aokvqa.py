@@ -7,9 +7,9 @@ File: `aokvqa_v1p0_val.json` (a list of {"question_id", "image_id", "question",
 
 Direct answer (`aokvqa`): prompt and decoding of `protocols.short_answer`;
 the answer is the stripped, lower-cased text without a final period. Scored as
-A-OKVQA's `eval_predictions.py` (and LAVIS' `AOKVQATask`) do: min(#direct
-answers equal to it / 3, 1), with no further normalisation; broken down by the
-`difficult_direct_answer` flag.
+A-OKVQA's `evaluation/eval_predictions.py` does: min(#direct answers equal to
+it / 3, 1), with no further normalisation, over the questions not marked
+`difficult_direct_answer` (those are predicted and written, not scored).
 
 Multiple choice (`aokvqa-mc`): the options go into the prompt the way LAVIS'
 `predict_answers` writes them ("(a) first (b) second ..."), i.e.
@@ -51,7 +51,7 @@ class AOKVQA(Task):
                 image=find_image(images, name, f"val2017/{name}", f"test2017/{name}"),
                 fields={"question": q["question"], "choices": list_choices(q.get("choices", [])),
                         "choice_list": q.get("choices", [])},
-                reference=self.reference(q), groups={"difficult": q.get("difficult_direct_answer")}))
+                reference=self.reference(q), groups={"difficult": bool(q.get("difficult_direct_answer"))}))
         return examples
 
     def reference(self, q):
@@ -68,7 +68,8 @@ class AOKVQA(Task):
         def one(e):
             said = answers.get(e.key, "")
             return min(sum(said == d for d in e.reference) / 3, 1.0)
-        return breakdown((one(e), e.groups) for e in examples)
+        scored = [e for e in examples if not e.groups["difficult"]]
+        return dict(breakdown((one(e), {}) for e in scored), difficult_not_scored=len(examples) - len(scored))
 
     def official_results(self, examples, answers):
         return {str(e.id): {"direct_answer": answers[e.key]} for e in examples if e.key in answers}
