@@ -3,10 +3,11 @@ appended to `predictions.jsonl` as they come; then the benchmark's results file,
 file and a one-line summary.
 
 Images are decoded by a thread pool one batch ahead of the model. An unreadable
-image is reported and its example left out of the file (a rerun retries it);
-scoring counts an example without a prediction as wrong and says how many.
-Every batch has the same size (a short last batch is filled with copies of its
-last example, dropped afterwards), so the model compiles once per prompt-length bucket.
+image is reported and its example left out of the file (its row of the batch is
+zeros, its output dropped; a rerun retries it); scoring counts an example without
+a prediction as wrong and says how many. Every batch has the same size (a short
+last batch is filled with copies of its last example, never written), so the
+model sees the same shapes from batch to batch.
 """
 from __future__ import annotations
 
@@ -69,6 +70,12 @@ def _load(image_processor, path):
         return None, f"cannot read image {path}: {type(e).__name__}: {e}"
 
 
+def _stack(loaded, image_size: int) -> np.ndarray:
+    """This process's rows of pixels, zeros where an image could not be read."""
+    blank = np.zeros((image_size, image_size, 3), np.float32)
+    return np.stack([blank if pixels is None else pixels for pixels, _ in loaded])
+
+
 def predict(task: Task, examples: Sequence[Example], template: str, generate: Generate, image_processor,
             out_dir: str, batch_size: int, workers: int = 4, hosts: Hosts | None = None) -> dict[str, dict]:
     """Generate answers for the examples not yet in the predictions files of `out_dir`; returns
@@ -107,20 +114,14 @@ def predict(task: Task, examples: Sequence[Example], template: str, generate: Ge
                 if i + 1 < len(batches):
                     ahead = submit(batches[i + 1])  # decode the next images while the model runs
                 rows = list(range(batch_size))[mine]
-                readable = [error is None for _, error in loaded]
-                for r, (pixels, error) in zip(rows, loaded):
+                for r, (_, error) in zip(rows, loaded):
                     if error is not None and r < len(batch):
                         print(f"eval: skipped {batch[r].key}: {error}", file=sys.stderr)
-                shape = next((p.shape for p, _ in loaded if p is not None), None)
-                ok = hosts.gather(np.asarray(readable, np.int32))
+                ok = hosts.gather(np.asarray([error is None for _, error in loaded], np.int32))
                 if not ok.any():
                     progress.bad += len(batch)
                     continue
-                if shape is None:  # this process could read none of its rows
-                    size = image_processor.image_size
-                    shape = (size, size, 3)
-                local = np.stack([p if p is not None else np.zeros(shape, np.float32) for p, _ in loaded])
-                pixels = hosts.gather(local)
+                pixels = hosts.gather(_stack(loaded, image_processor.image_size))
                 full = batch + [batch[-1]] * (batch_size - len(batch))
                 texts = generate(pixels, [prompts[e.key] for e in full])
                 records = [{"key": full[r].key, "id": full[r].id, "output": texts[r],
