@@ -7,8 +7,9 @@ multiple-choice tasks, which add their options):
     `lavis/projects/instructblip/qa_okvqa_*_eval.yaml`: num_beams 5, max_len 10, min_len 1).
   * prompts: BLIP-2 paper (zero-shot VQA): "Question: {} Answer:" for OPT and
     "Question: {} Short answer:" for Flan-T5 (LAVIS' OPT config uses the Flan-T5
-    wording; we follow the paper). InstructBLIP paper (held-out templates):
-    "Question: {} Short answer:" for every LLM.
+    wording; we follow the paper). InstructBLIP, every LLM: "Question: {} Short answer:",
+    the short-answer template of its held-out evaluation, as LAVIS'
+    `qa_okvqa_*_eval.yaml` write it (there "Short Answer:").
   * length penalty: -1 (favours short answers) for Flan-T5, as `blip2_t5.predict_answers`
     and `blip2_t5_instruct.predict_answers` default to; 0 for BLIP-2 OPT
     (`blip2_opt.predict_answers`); -1 for InstructBLIP Vicuna (LAVIS'

@@ -7,8 +7,8 @@ File: the official split JSON (`val.json`: a list of {"image", "question",
 human answer "unanswerable" (answer type "unanswerable"); the model is scored
 on it like on any other answer.
 
-Protocol: `protocols.short_answer` (the InstructBLIP paper evaluates VizWiz
-with its short-answer VQA template; the same 5-beam, 1-10 token decoding).
+Protocol: `protocols.short_answer`, the short-answer VQA template and the same
+5-beam, 1-10 token decoding (LAVIS publishes no VizWiz configuration of its own).
 
 Metric: VQA accuracy as VizWiz's evaluation code (a port of the VQA script)
 computes it: the prediction is normalised as in the VQA script, the human
