@@ -203,6 +203,7 @@ def split(cfg: SamplerConfig, batch: int, seed: int | Sequence[int] = 0) -> tupl
     keep = cfg.all_processors
     max_top_k, max_ngram = int(rows["top_k"].max()), int(rows["no_repeat_ngram_size"].max())
     top_k_cap = cfg.top_k_cap if cfg.top_k_cap is not None else (bucket(max_top_k, 64) if max_top_k or keep else 0)
+    top_k_cap = top_k_cap if sampling else 0  # top-k only filters samples
     ngram_cap = (cfg.no_repeat_ngram_cap if cfg.no_repeat_ngram_cap is not None
                  else (bucket(max_ngram, 4) if max_ngram or keep else 0))
     wanted = {

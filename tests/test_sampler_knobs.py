@@ -276,4 +276,4 @@ def test_split_keeps_only_structure_static():
     assert same == static
     # greedy and beam never compile the sampling-only processors in
     greedy, _ = split(SamplerConfig(temperature=0.5, top_p=0.5, top_k=4), 1)
-    assert greedy.processors == ()
+    assert greedy.processors == () and greedy == split(SamplerConfig(), 1)[0]
