@@ -14,9 +14,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jblip import cpu_dot
-
 # ----------------------------------------------------------------------------- cpu: blocked
+
+def unpartitioned() -> bool:
+    """No mesh (or a one-device mesh) partitions the program being traced."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
+
 
 # Below ~128 x 128 scores per head the whole score tensor stays in cache anyway.
 BLOCK_MIN_SCORES = 128 * 128
@@ -26,7 +30,7 @@ def blocked_fits(q, k, bias, key_mask, causal: bool) -> bool:
     """Long unmasked attention (the ViT's) in a program that no mesh partitions: a loop over
     the batch and heads of a sharded array would make the partitioner gather it."""
     unmasked = bias is None and key_mask is None and not causal
-    return unmasked and q.shape[1] * k.shape[2] >= BLOCK_MIN_SCORES and cpu_dot.unpartitioned()
+    return unmasked and q.shape[1] * k.shape[2] >= BLOCK_MIN_SCORES and unpartitioned()
 
 
 def blocked_attention(reference, q, k, v, bias, key_mask):

@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jblip import cpu_dot
 from jblip.attention import (NEG_INF, attention, causal_bias, full_bias, key_padding_bias,  # noqa: F401
                              mask_to_bias, xla_attention)
 
@@ -57,8 +56,7 @@ class Linear(nn.Module):
         n_in = len(in_shape)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        plain = lambda x, kernel: jax.lax.dot_general(x, kernel, (contract, ((), ())))
-        y = cpu_dot.or_slabs(plain, x, kernel, n_in)  # the plain product, bar CPU decode steps
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
         if self.use_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros, out_shape,
                                  tuple(self.axes[n_in:]), self.param_dtype)

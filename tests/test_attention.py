@@ -137,3 +137,15 @@ def test_each_platform_lowers_its_own_kernel(mesh):
     vit = [jax.ShapeDtypeStruct((2, 257, 16, 88), jnp.float32)] * 3  # ViT-sized, unmasked
     assert "while" in exported(attention, *vit, platforms=("cpu",))   # blocked on one CPU device
     assert "while" not in exported(attention, *vit)                   # not on TPU / GPU
+
+
+def test_kernel_choice_runs_the_reference_on_cpu_values_and_gradients():
+    # shapes that take the per-platform kernel choice (flash on TPU): here it runs the reference
+    q, k, v = qkv(t=1024, s=1024, b=1, n=2, kv=1, h=64)
+    key_mask = jnp.asarray(np.arange(1024)[None, :] >= 3)
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    assert kernels.flash_fits(q, kh, None)
+    fn = lambda q, k, v: attention(q, k, v, key_mask=key_mask, causal=True, heads_major=True)
+    ref = lambda q, k, v: xla_attention(q, k, v, None, key_mask, causal=True, scale=0.125, dtype=jnp.float32)
+    close(jax.jit(fn)(q, kh, vh), ref(q, kh, vh), 1e-6)
+    close(jax.jit(functools.partial(grads, fn))(q, kh, vh), grads(ref, q, kh, vh), 1e-5)

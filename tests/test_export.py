@@ -2,7 +2,7 @@
 `forward`, greedy and beam `generate` and the train step of InstructBLIP-Vicuna-13B,
 InstructBLIP-Flan-T5-XXL and BLIP-2-OPT-6.7B, on one device and on an 8-device mesh. Each
 export succeeds, and its StableHLO holds exactly the while loops the program's structure
-calls for: no loop that only a CPU program wants (blocked attention, slab products)."""
+calls for: no loop that only a CPU program wants (the blocked CPU attention)."""
 from __future__ import annotations
 
 import re

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import jblip
-from jblip import cpu_dot
 from tests.hf_models import (IMAGE_TOKEN, NUM_QUERIES, TINY_T5, left_padded_prompts, right_padded_text,
                              tiny_blip2, tiny_instructblip)
 
@@ -29,15 +28,6 @@ def prompts(family, lengths, seed=0):
         return np.array(ids), np.array(mask)
     pad = 1 if family == "opt" else 0
     return left_padded_prompts(lengths, 128, pad_id=pad, bos_id=2, seed=seed, image_token=IMAGE_TOKEN)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slab_products():
-    """Decode steps of these tiny models take the slab-by-slab products that real-size kernels
-    take on CPU (jblip.cpu_dot), so that HF equality covers that path too."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_dot, "MIN_KERNEL_BYTES", 0)
-        yield
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
