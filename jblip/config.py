@@ -7,10 +7,11 @@ checkpoint's configuration plus tiny ones for tests.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
+
+from jblip import bounded_json
 
 
 class ConfigError(ValueError):
@@ -298,7 +299,10 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
         if not os.path.exists(path):
             raise ConfigError(f"no config.json at {path}")
         with open(path) as f:
-            cfg = json.load(f)
+            try:
+                cfg = bounded_json.load(f, path)
+            except ValueError as e:
+                raise ConfigError(f"{path} is not valid JSON ({e})") from None
     model_type = str(cfg.get("model_type", "")).lower()
     if model_type not in ("instructblip", "blip-2", "blip_2", "blip2"):
         raise ConfigError(f"unknown model family {model_type!r}: expected an InstructBLIP or BLIP-2 config.json")
