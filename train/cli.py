@@ -43,34 +43,49 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def _parse_value(text: str):
+    """A `--set` value as YAML (JSON without PyYAML); text that does not parse stays a string, so
+    the option's own check names it."""
     try:
         import yaml
-        return yaml.safe_load(text)
     except ImportError:
         try:
             return json.loads(text)
-        except json.JSONDecodeError:
+        except ValueError:
             return text
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError):
+        return text
+
+
+def _optim(d: dict) -> dict:
+    optim = d.setdefault("optim", {})
+    if not isinstance(optim, dict):
+        raise ValueError(f"optim must be a mapping of optimizer options, got {optim!r}")
+    return optim
 
 
 def build_config(args) -> dict:
     d = recipe(args.recipe) if args.recipe else {}
     if args.config:
         file = read_config_file(args.config)
-        d = {**d, **file, "optim": {**d.get("optim", {}), **file.get("optim", {})}}
+        merged = {**d, **file}
+        if isinstance(file.get("optim", {}), dict):  # anything else is refused by TrainConfig, naming it
+            merged["optim"] = {**d.get("optim", {}), **file.get("optim", {})}
+        d = merged
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
         if key.startswith("optim."):
-            d.setdefault("optim", {})[key[len("optim."):]] = _parse_value(value)
+            _optim(d)[key[len("optim."):]] = _parse_value(value)
         else:
             d[key.replace("-", "_")] = _parse_value(value)
     flags = dict(model=args.model, train_data=args.train_data, eval_data=args.eval_data, trainable=args.trainable,
                  steps=args.steps, batch_size=args.batch_size, mesh=args.mesh, precision=args.precision)
     d.update({k: v for k, v in flags.items() if v is not None})
     if args.steps is not None and not any(item.startswith("optim.total_steps=") for item in args.set):
-        d.setdefault("optim", {})["total_steps"] = args.steps  # the schedule follows --steps
+        _optim(d)["total_steps"] = args.steps  # the schedule follows --steps
     if args.no_progress:
         d["progress"] = False
     if args.output:
