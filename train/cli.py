@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 
 from jblip.config import PRESETS
@@ -98,23 +99,45 @@ def build_config(args) -> dict:
     return d
 
 
+def _write_once(target: str, what: str, write, last_file: str) -> None:
+    """Run `write(folder)` into `<target>.partial`, then rename it to `target`: a run killed while
+    writing leaves no `target`, so the rerun writes it again instead of reading half of it.
+    (`last_file`, written last, tells a complete folder from one an older jblip left half-written.)"""
+    if os.path.isfile(os.path.join(target, last_file)):
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    partial = target + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"jblip train: writing {what} to {target}", file=sys.stderr)
+    write(partial)
+    os.replace(partial, target)
+
+
+def _demo_inputs(d: dict, output: str) -> None:
+    """The demo recipe's generated data and stage-1 model (each written once, atomically) and
+    its default checkpoint folder, so an interrupted demo run resumes."""
+    from train.synthetic import DEMO_DATA, make_dataset
+    base = os.path.abspath(output)
+    data_dir = os.path.join(base, "data")
+    _write_once(data_dir, "the synthetic shapes dataset", lambda folder: make_dataset(folder, **DEMO_DATA),
+                os.path.join("tokenizer", "tokenizer.json"))
+    d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
+             tokenizer=os.path.join(data_dir, "tokenizer"))
+    d.setdefault("checkpoint_dir", os.path.join(base, "checkpoints"))
+    if d.get("model") in PRESETS:  # stage 1: the ViT alone (train/vision_pretrain.py), then everything
+        from train.vision_pretrain import initial_model
+        start = os.path.join(data_dir, "initial_model")
+        log = lambda line: print(f"jblip train: {line}", file=sys.stderr)  # noqa: E731
+        _write_once(start, "the stage-1 model (pretrained ViT)",
+                    lambda folder: initial_model(PRESETS[d["model"]], folder, d.get("init_seed", 0),
+                                                 d.get("init_std", 0.1), log), "tokenizer.json")
+        d["model"] = start
+
+
 def run(args) -> int:
     d = build_config(args)
     if args.recipe == "demo" and not d.get("train_data"):
-        from train.synthetic import DEMO_DATA, make_dataset
-        data_dir = os.path.join(os.path.abspath(args.output or "jblip-demo"), "data")
-        if not os.path.isfile(os.path.join(data_dir, "train.jsonl")):
-            print(f"jblip train: writing the synthetic shapes dataset to {data_dir}", file=sys.stderr)
-            make_dataset(data_dir, **DEMO_DATA)
-        d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
-                 tokenizer=os.path.join(data_dir, "tokenizer"))
-        if d.get("model") in PRESETS:  # stage 1: the ViT alone (train/vision_pretrain.py), then everything
-            from train.vision_pretrain import initial_model
-            start = os.path.join(data_dir, "initial_model")
-            if not os.path.isfile(os.path.join(start, "config.json")):
-                log = lambda line: print(f"jblip train: {line}", file=sys.stderr)
-                initial_model(PRESETS[d["model"]], start, d.get("init_seed", 0), d.get("init_std", 0.1), log)
-            d["model"] = start
+        _demo_inputs(d, args.output or "jblip-demo")
     cfg = TrainConfig.from_dict(d)
     from train.loop import train
     result = train(cfg)

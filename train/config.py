@@ -172,7 +172,7 @@ RECIPES: dict[str, dict] = {
         model="demo-instructblip-vicuna", trainable="all", steps=1500, batch_size=64, mesh="data=1",
         init_std=0.1, optim=dict(lr=1e-3, warmup_lr=0.0, warmup_steps=50, total_steps=1500, weight_decay=0.05),
         max_input_len=16, max_output_len=4, max_qformer_len=16, eval_every=500, eval_at_start=True,
-        eval_batch_size=100, max_new_tokens=3, augment=False),
+        eval_batch_size=100, max_new_tokens=3, augment=False, checkpoint_every=100),
 }
 
 

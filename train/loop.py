@@ -112,6 +112,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     """
     cfg.check()
     _check_output_places(cfg)
+    records = read_jsonl(cfg.train_data, cfg.image_root)  # every record checked before the model loads
+    eval_records = read_jsonl(cfg.eval_data, cfg.image_root)[: cfg.eval_max_examples] if cfg.eval_data else None
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     config, params = build.load_params(cfg, mesh)
     tokenizer, qformer_tokenizer = build.load_tokenizers(cfg, config)
@@ -129,7 +131,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     if jax.process_count() > 1 and not any(placement.batch(cfg.batch_size).spec):
         raise ValueError(f"batch_size {cfg.batch_size} does not split over the mesh's data axes; with several "
                          "hosts each reads only its share, so the global batch must divide them")
-    stream = BatchStream(read_jsonl(cfg.train_data, cfg.image_root), encoder, cfg.batch_size, image_size,
+    stream = BatchStream(records, encoder, cfg.batch_size, image_size,
                          seed=cfg.seed, train=cfg.augment)
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
     restored = checkpointer.restore_newest(placement.abstract_state(trainable)) if checkpointer else None
@@ -142,8 +144,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     total_micro = cfg.steps * accumulate
     micro = int(jax.device_get(state.step))
     evaluator = None
-    if cfg.eval_data:
-        eval_records = read_jsonl(cfg.eval_data, cfg.image_root)[: cfg.eval_max_examples]
+    if eval_records:
         evaluator = Evaluator(config, layout, encoder, eval_records, cfg, placement, image_size)
 
     meta = dict(model=cfg.model, trainable=cfg.trainable, config=cfg.to_dict())
