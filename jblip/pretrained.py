@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import Callable
 
 import flax.linen as nn
@@ -256,17 +257,36 @@ def pad_to_bucket(ids, mask, config: ModelConfig, cfg: SamplerConfig):
     return np.pad(ids, side, constant_values=pad_id), np.pad(mask, side, constant_values=0)
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def is_hub_id(path_or_id) -> bool:
+    """True only for an `owner/name` string that names nothing on this machine: no file, folder or
+    link (even a broken one or a loop) at that path, nor a folder called `owner`. So a local
+    path is never sent to the HF hub, where it would fail slowly with a misleading message."""
+    if not isinstance(path_or_id, str) or not _HUB_ID.fullmatch(path_or_id) or path_or_id.endswith((".", "-")):
+        return False
+    owner = path_or_id.split("/", 1)[0]
+    return not os.path.lexists(path_or_id) and not os.path.lexists(owner)
+
+
+def _local_problem(path: str) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"{path} is a broken symbolic link or a symlink loop"
+    return f"no checkpoint at {path!r}"
+
+
 def _resolve_path(path_or_id: str) -> str:
     if os.path.exists(path_or_id):
         return os.fspath(path_or_id)
-    if isinstance(path_or_id, str) and path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/")):
+    if is_hub_id(path_or_id):
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
             raise FileNotFoundError(f"{path_or_id!r} is not a local path; to fetch it from the HF hub install "
                                     "huggingface_hub (pip install 'jblip[hub]')") from None
         return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    raise FileNotFoundError(f"no checkpoint at {path_or_id!r}")
+    raise FileNotFoundError(_local_problem(os.fspath(path_or_id)))
 
 
 def load_pretrained(path_or_id: str, precision: Precision | str = "float32",

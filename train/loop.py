@@ -80,6 +80,9 @@ def make_mesh(spec: str):
 def _fixed_sizes(spec: str):
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
+        if name.strip() not in sharding.MESH_AXES:
+            raise ValueError(f"bad mesh spec {spec!r}: unknown axis {name.strip()!r} "
+                             f"(the axes are {', '.join(sharding.MESH_AXES)})")
         try:
             yield int(value)
         except ValueError:
