@@ -319,5 +319,32 @@ def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
             targets = flatten(sharding.param_shardings(boxed, mesh, rules))
             shapes = flatten(nn.unbox(boxed))  # padded where the vocab is
             place = lambda path, x: sharding.place(x, targets[path], shapes[path].shape)
-        params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=place, progress=progress)
+        watch = NonFiniteWatch(place)
+        params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress)
+    watch.warn(path)
     return VisionLanguageModel(config, params, path, mesh=mesh, rules=rules)
+
+
+class NonFiniteWeightsWarning(RuntimeWarning):
+    """A loaded checkpoint holds NaN or infinite weights: its outputs will be meaningless."""
+
+
+class NonFiniteWatch:
+    """A `place` function that also notes every tensor holding NaN or inf, on the host copy the
+    loader has anyway (one pass per tensor, nothing kept)."""
+
+    def __init__(self, place):
+        self.place, self.bad = place, []
+
+    def __call__(self, path, x):
+        x = np.asarray(x)
+        if x.dtype.kind in "fcV" and x.size and not np.isfinite(x).all():  # V: bfloat16 / float8 (ml_dtypes)
+            self.bad.append(path)
+        return self.place(path, x)
+
+    def warn(self, where: str):
+        if self.bad:
+            import warnings
+            shown = ", ".join(self.bad[:5]) + (f" and {len(self.bad) - 5} more" if len(self.bad) > 5 else "")
+            warnings.warn(f"{where}: {len(self.bad)} weight tensor(s) hold NaN or infinite values ({shown}); "
+                          "the model's outputs will be meaningless", NonFiniteWeightsWarning, stacklevel=3)

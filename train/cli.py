@@ -139,6 +139,11 @@ def run(args) -> int:
     if args.recipe == "demo" and not d.get("train_data"):
         _demo_inputs(d, args.output or "jblip-demo")
     cfg = TrainConfig.from_dict(d)
+    if not cfg.checkpoint_dir or not cfg.checkpoint_every:
+        print("jblip train: note: " + ("no checkpoint_dir (or --output): an interrupted run starts over"
+                                       if not cfg.checkpoint_dir else
+                                       "checkpoint_every is 0: only the end of the run is checkpointed"),
+              file=sys.stderr)
     from train.loop import train
     result = train(cfg)
     summary = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) and k != "event"}
