@@ -5,20 +5,18 @@ and generated demo inputs written atomically."""
 import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jblip.cli import main
 from jblip.config import PRESETS
-from train.checkpoint import Checkpointer, CheckpointSaveError
+from train.checkpoint import Checkpointer
 from train.cli import _write_once
 from train.config import TrainConfig
 from train.data import BatchStream, DataError, Encoder, Tokenizer, read_jsonl
 from train.finite_steps import TrainingDiverged
 from train.labels import TextLayout
 from train.loop import train
-from train.state import TrainState
 from train.synthetic import make_dataset
 
 
@@ -76,7 +74,8 @@ def test_bad_config_files_are_one_line(shapes, tmp_path, capsys, text, message):
 def test_an_unusable_checkpoint_dir_is_refused_before_any_work(shapes, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
     rc = main(["train", "--model", "tiny-instructblip-vicuna", "--train-data", shapes["train"],
-               "--output", str(tmp_path / "run"), "--set", f"checkpoint_dir={tmp_path / 'a_file' / 'ckpt'}"])
+               "--output", str(tmp_path / "run"), "--set", f"checkpoint_dir={tmp_path / 'a_file' / 'ckpt'}",
+               "--set", "checkpoint_every=1"])
     assert rc == 2
     err = error_line(capsys)
     assert "checkpoint_dir" in err and "a_file" in err and "is not a writable directory" in err
@@ -161,18 +160,6 @@ def test_a_corrupt_newest_checkpoint_is_skipped_on_resume(shapes, tmp_path, caps
     assert int(result["state"].step) == 4
 
 
-def test_a_failed_save_raises_and_close_releases(tmp_path):
-    directory = tmp_path / "ckpt"
-    checkpointer = Checkpointer(str(directory))
-    directory.rmdir()
-    directory.write_text("the folder was replaced by a file")
-    state = TrainState(jnp.int32(0), {"w": jnp.ones(3)}, {"m": jnp.zeros(3)})
-    with pytest.raises(CheckpointSaveError, match=r"checkpoint.* in .*ckpt failed: NotADirectoryError"):
-        checkpointer.save(1, state, {"position": 0, "seed": 0})
-        checkpointer.wait()
-    checkpointer.close()  # returns: nothing is left running
-
-
 def test_generated_inputs_are_written_atomically(tmp_path):
     target = str(tmp_path / "data")
 
@@ -191,3 +178,40 @@ def test_generated_inputs_are_written_atomically(tmp_path):
 
     _write_once(target, "data", complete, "done")
     assert os.listdir(target) == ["done"] and not os.path.exists(target + ".partial")
+
+
+FAILING_RUN = r"""
+import os, sys, shutil
+import jax.numpy as jnp
+from jblip.cli import main
+from train import loop
+from train.checkpoint import Checkpointer
+from train.state import TrainState
+
+def train(cfg):  # the real CLI around a run whose checkpoint folder breaks mid-run
+    checkpointer = Checkpointer(cfg.checkpoint_dir)
+    shutil.rmtree(cfg.checkpoint_dir)
+    open(cfg.checkpoint_dir, "w").write("the folder was replaced by a file")
+    checkpointer.save(1, TrainState(jnp.int32(0), {"w": jnp.ones(3)}, {}), {"position": 0, "seed": 0})
+    checkpointer.wait()
+
+loop.train = train
+sys.exit(main(["train", "--model", "tiny-instructblip-vicuna", "--train-data", "x.jsonl", "--output", sys.argv[1],
+               "--set", "checkpoint_every=1"]))
+"""
+
+
+def test_a_checkpoint_failure_ends_the_process_at_once(tmp_path):
+    """In a subprocess: the failed save's orbax threads must not keep the process alive."""
+    import subprocess
+    import sys
+    import time
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", FAILING_RUN, str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=240, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert time.perf_counter() - start < 120  # orbax's own threads would hold the exit for 300 s
+    assert done.returncode == 3
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("jblip train: error: saving "), last
+    assert "checkpoints failed: NotADirectoryError" in last, last

@@ -144,8 +144,16 @@ def run(args) -> int:
                                        if not cfg.checkpoint_dir else
                                        "checkpoint_every is 0: only the end of the run is checkpointed"),
               file=sys.stderr)
-    from train.loop import train
-    result = train(cfg)
+    from train import loop
+    from train.checkpoint import CheckpointSaveError
+    try:
+        result = loop.train(cfg)
+    except CheckpointSaveError as e:
+        # orbax's background save threads can wait minutes for a step that will never come, and
+        # the interpreter waits for them at exit: report and leave now (logs are flushed already)
+        print(f"jblip train: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
     summary = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) and k != "event"}
     print(json.dumps(summary))
     return 0
