@@ -34,7 +34,7 @@ class ImageError(ValueError):
 # more than MAX_DECODED_PIXELS are refused before any pixel is decoded. Images at or below
 # REDUCE_ABOVE are decoded exactly as HF does.
 REDUCE_ABOVE = 4096 * 4096
-MAX_DECODED_PIXELS = 12_000 * 12_000
+MAX_DECODED_PIXELS = 8192 * 8192  # about 200 MB as RGB
 
 
 def _check_regular_file(path: str) -> None:
