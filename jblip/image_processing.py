@@ -9,13 +9,14 @@ OpenAI CLIP mean/std in float32. Output: float32 NHWC numpy, which is what
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Iterable, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from jblip import bounded_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -158,7 +159,7 @@ def _saved_image_settings(path: str) -> dict:
         file = os.path.join(path, name)
         if os.path.isfile(file):
             with open(file) as f:
-                data = json.load(f)
+                data = bounded_json.load(f, file)
             data = data.get(key, {}) if key else data
             if data:
                 return data

@@ -90,3 +90,16 @@ def test_deep_json_in_config_json_is_one_error(tmp_path, levels):
     (tmp_path / "config.json").write_text('{"model_type": "instructblip", "x": ' + "[" * levels + "]" * levels + "}")
     with pytest.raises(ConfigError, match="nested more than 64 levels"):
         timed(lambda: from_hf_config(tmp_path))
+
+
+def test_deep_json_in_processor_files_is_one_error(tmp_path):
+    from jblip.bounded_json import JSONNestingError
+    from jblip.image_processing import ImageProcessor
+    from jblip.text_processing import _read_json
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "tokenizer_config.json").write_text(deep)
+    (tmp_path / "preprocessor_config.json").write_text(deep)
+    with pytest.raises(JSONNestingError, match="tokenizer_config.json is nested more than 64 levels"):
+        _read_json(str(tmp_path / "tokenizer_config.json"))
+    with pytest.raises(JSONNestingError, match="preprocessor_config.json is nested"):
+        ImageProcessor.from_pretrained(str(tmp_path), 28)
