@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import Callable
 
 import flax.linen as nn
@@ -263,17 +264,36 @@ def pad_to_bucket(ids, mask, config: ModelConfig, max_new_tokens: int, pad_token
     return np.pad(ids, side, constant_values=pad_id), np.pad(mask, side, constant_values=0)
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def is_hub_id(path_or_id) -> bool:
+    """True only for an `owner/name` string that names nothing on this machine: no file, folder or
+    link (even a broken one or a loop) at that path, nor a folder called `owner`. So a local
+    path is never sent to the HF hub, where it would fail slowly with a misleading message."""
+    if not isinstance(path_or_id, str) or not _HUB_ID.fullmatch(path_or_id) or path_or_id.endswith((".", "-")):
+        return False
+    owner = path_or_id.split("/", 1)[0]
+    return not os.path.lexists(path_or_id) and not os.path.lexists(owner)
+
+
+def _local_problem(path: str) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"{path} is a broken symbolic link or a symlink loop"
+    return f"no checkpoint at {path!r}"
+
+
 def _resolve_path(path_or_id: str) -> str:
     if os.path.exists(path_or_id):
         return os.fspath(path_or_id)
-    if isinstance(path_or_id, str) and path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/")):
+    if is_hub_id(path_or_id):
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
             raise FileNotFoundError(f"{path_or_id!r} is not a local path; to fetch it from the HF hub install "
                                     "huggingface_hub (pip install 'jblip[hub]')") from None
         return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    raise FileNotFoundError(f"no checkpoint at {path_or_id!r}")
+    raise FileNotFoundError(_local_problem(os.fspath(path_or_id)))
 
 
 def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
@@ -306,5 +326,32 @@ def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
             targets = flatten(sharding.param_shardings(boxed, mesh, rules))
             shapes = flatten(nn.unbox(boxed))  # padded where the vocab is
             place = lambda path, x: sharding.place(x, targets[path], shapes[path].shape)
-        params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=place, progress=progress)
+        watch = NonFiniteWatch(place)
+        params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress)
+    watch.warn(path)
     return VisionLanguageModel(config, params, path, mesh=mesh, rules=rules)
+
+
+class NonFiniteWeightsWarning(RuntimeWarning):
+    """A loaded checkpoint holds NaN or infinite weights: its outputs will be meaningless."""
+
+
+class NonFiniteWatch:
+    """A `place` function that also notes every tensor holding NaN or inf, on the host copy the
+    loader has anyway (one pass per tensor, nothing kept)."""
+
+    def __init__(self, place):
+        self.place, self.bad = place, []
+
+    def __call__(self, path, x):
+        x = np.asarray(x)
+        if x.dtype.kind in "fcV" and x.size and not np.isfinite(x).all():  # V: bfloat16 / float8 (ml_dtypes)
+            self.bad.append(path)
+        return self.place(path, x)
+
+    def warn(self, where: str):
+        if self.bad:
+            import warnings
+            shown = ", ".join(self.bad[:5]) + (f" and {len(self.bad) - 5} more" if len(self.bad) > 5 else "")
+            warnings.warn(f"{where}: {len(self.bad)} weight tensor(s) hold NaN or infinite values ({shown}); "
+                          "the model's outputs will be meaningless", NonFiniteWeightsWarning, stacklevel=3)

@@ -34,7 +34,8 @@ def hf_opt(word_embed_proj_dim=40, pre_ln=True, seed=0):
 
 def to_jax(hf_model, **batch_shape):
     """jblip config (through from_hf_config), module and converted params of a HF OPT model."""
-    text = from_hf_config({"model_type": "blip-2", "text_config": hf_model.config.to_dict()}).text
+    text = from_hf_config({"model_type": "blip-2", "vision_config": {}, "qformer_config": {},
+                           "text_config": hf_model.config.to_dict()}).text
     module = OPTModel(text)
     abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 2, text.word_embed_proj_dim)),
                                        jnp.ones((1, 2), jnp.int32))["params"])

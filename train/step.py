@@ -71,12 +71,13 @@ def _jit(fn, placement: Placement | None, in_shardings, out_shardings, donate=()
 
 def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, optim: OptimConfig,
                     placement: Placement | None = None, batch_size: int | None = None,
-                    prepend_queries: bool = False, remat: str = "none"):
-    """`step(state, frozen, batch) -> (state, metrics)`; metrics: loss, grad_norm, lr, tokens.
+                    prepend_queries: bool = False, remat: str = "none", skip_nonfinite: bool = False):
+    """`step(state, frozen, batch) -> (state, metrics)`; metrics: loss, grad_norm, lr, tokens, finite.
 
     `remat` names the layer stacks' recompute policy (`jblip.scan`).
-
-    `grad_norm` is the global norm of this micro-batch's gradient before clipping.
+    `grad_norm` is the global norm of this micro-batch's gradient before clipping; `finite` says
+    whether it and the loss are finite. With `skip_nonfinite`, a step where they are not keeps
+    the params and optimizer state as they were (only the step counter moves on).
     With a `placement` on a mesh, `batch_size` (global) fixes the batch sharding.
     """
     module = BlipModel(config, remat=remat)
@@ -85,8 +86,13 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, optim
         (loss, count), grads = loss_and_grads(module, state.params, frozen, batch, prepend_queries)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), tokens=count,
-                       lr=learning_rate(optim, state.step))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params, opt_state = jax.tree.map(keep, (params, opt_state), (state.params, state.opt_state))
+        metrics = dict(loss=loss, grad_norm=grad_norm, tokens=count, lr=learning_rate(optim, state.step),
+                       finite=finite)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     if placement is None or placement.mesh is None:
