@@ -58,8 +58,6 @@ class LlamaAttention(nn.Module):
             k, v = kv_cache.read_layer(cache, layer)
         else:
             k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # heads-major like the cache
-        if K != N:  # grouped-query attention: share each kv head across N/K query heads
-            k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
         out = attention(q, k.astype(self.dtype), v, bias, dtype=self.dtype, heads_major=True)
         out = Linear((N, H), (D,), ("heads", "kv", "embed"), name="o_proj", **dense)(out)
         return out, cache
