@@ -18,7 +18,7 @@ from jblip import sharding
 from jblip.config import Precision, preset
 from jblip.generate import generate
 from jblip.model import BlipModel, abstract_params
-from jblip.sampling import SamplerConfig
+from jblip.sampling import SamplerConfig, split
 from train import trainable as tr
 from train.optim import OptimConfig
 from train.state import Placement, init_state
@@ -29,12 +29,6 @@ PROGRAMS = ("forward", "greedy", "beam", "train")
 MESH = "data=2,fsdp=2,tensor=2"
 PLATFORMS = ("tpu", "cuda")
 BATCH, PROMPT, NEW, BEAMS = 4, 48, 8, 3
-# Layers are Python loops today, so tracing a full-depth model costs 5-15 s per export on 2
-# CPU cores: the default run takes one program per preset (both layouts, decoding and
-# training among them); the rest of the grid is marked slow. With scanned stacks every export
-# is cheap: then drop the mark.
-FAST = {("instructblip-vicuna-13b", "greedy", "mesh"), ("blip2-opt-6.7b", "train", "one"),
-        ("instructblip-flan-t5-xxl", "forward", "one")}
 
 
 def stacks(params) -> list[str]:
@@ -111,8 +105,11 @@ def export(name: str, program: str, mesh):
         batch.pop("decoder_input_ids", None)
         cfg = SamplerConfig(max_new_tokens=NEW, eos_token_ids=(2,)) if program == "greedy" else \
             SamplerConfig(strategy="beam", num_beams=BEAMS, max_new_tokens=NEW, eos_token_ids=(2,))
-        fn = lambda p, b: generate(module, p, cfg, b["pixel_values"], b["input_ids"], b["attention_mask"],
-                                   b.get("qformer_ids"), b.get("qformer_mask"), prepend_queries=prepend)
+        static, rows = split(cfg, BATCH)
+        batch["rows"] = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rows)
+        fn = lambda p, b: generate(module, p, static, b["rows"], b["pixel_values"], b["input_ids"],
+                                   b["attention_mask"], b.get("qformer_ids"), b.get("qformer_mask"),
+                                   prepend_queries=prepend)
     with sharding.activation_rules(mesh):
         return jax.export.export(jax.jit(fn), platforms=PLATFORMS)(params, batch).mlir_module(), params
 
@@ -134,8 +131,7 @@ def export_train_step(config, params, mesh, prepend: bool):
         return jax.export.export(jitted, platforms=PLATFORMS)(state, frozen, batch).mlir_module()
 
 
-CASES = [pytest.param(n, p, layout, marks=() if (n, p, layout) in FAST else pytest.mark.slow)
-         for n in PRESETS for p in PROGRAMS for layout in ("one", "mesh")]
+CASES = [(n, p, layout) for n in PRESETS for p in PROGRAMS for layout in ("one", "mesh")]
 
 
 @pytest.mark.parametrize("name,program,layout", CASES)
