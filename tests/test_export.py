@@ -15,13 +15,14 @@ import pytest
 from jax.sharding import NamedSharding
 
 from jblip import sharding
-from jblip.config import Precision, preset
+from jblip.config import preset
 from jblip.generate import generate
 from jblip.model import BlipModel, abstract_params
 from jblip.sampling import SamplerConfig, split
 from train import trainable as tr
 from train.optim import OptimConfig
-from train.state import Placement, init_state
+from train.build import training_precision
+from train.state import TOWER_DTYPE, Placement, init_state
 from train.step import make_train_step
 
 PRESETS = ("instructblip-vicuna-13b", "instructblip-flan-t5-xxl", "blip2-opt-6.7b")
@@ -90,7 +91,8 @@ def inputs(config, mesh, decoder_len: int):
 
 
 def export(name: str, program: str, mesh):
-    config = preset(name).with_precision(Precision.named("bfloat16"))
+    # bf16 towers; training keeps float32 masters of the trainable params (`train.build`)
+    config = preset(name).with_precision(training_precision("bfloat16") if program == "train" else "bfloat16")
     if mesh is not None:
         config = sharding.pad_vocab(config, mesh)
     boxed = abstract_params(config, boxed=True)
@@ -119,6 +121,9 @@ def export_train_step(config, params, mesh, prepend: bool):
     optim = OptimConfig(warmup_steps=0, total_steps=100)
     tx = optax.adamw(1e-5)
     trainable, frozen = tr.split(params, "qformer")
+    frozen = {tower: jax.tree_util.tree_map(  # frozen towers are stored in their compute dtype
+        lambda x: jax.ShapeDtypeStruct(x.shape, TOWER_DTYPE[tower](config.precision), sharding=x.sharding), sub)
+        for tower, sub in frozen.items()}
     placement = Placement(config, "qformer", tx, mesh)
     state = (placement.abstract_state(trainable) if mesh is not None
              else jax.eval_shape(lambda p: init_state(p, tx), trainable))
