@@ -49,7 +49,7 @@ def _t5(c: T5Config) -> dict:
                 relative_attention_num_buckets=c.relative_attention_num_buckets,
                 relative_attention_max_distance=c.relative_attention_max_distance,
                 layer_norm_epsilon=c.layer_norm_epsilon,
-                # an explicit dense_act_fn wins over the one feed_forward_proj implies (pitfall P5)
+                # an explicit dense_act_fn wins over the one feed_forward_proj implies (the Salesforce checkpoints use exact GELU)
                 feed_forward_proj=gated + ("gelu" if c.dense_act_fn.startswith("gelu") else c.dense_act_fn),
                 dense_act_fn=c.dense_act_fn, is_gated_act=c.is_gated_act,
                 tie_word_embeddings=c.tie_word_embeddings, scale_decoder_outputs=c.rescales_output,

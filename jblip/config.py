@@ -324,7 +324,7 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
             t["rope_theta"] = float(rope["rope_theta"])
             checked_fields(LlamaConfig, dict(rope_theta=t["rope_theta"]), "text_config",
                            dict(rope_theta="rope_parameters.rope_theta"))
-        # BOS/EOS stay at LAVIS' `</s>`=2 (the HF Vicuna text configs carry LLaMA-1's 0/1, pitfall P8)
+        # BOS/EOS stay at LAVIS' `</s>`=2 (the HF Vicuna text configs carry LLaMA-1's 0/1; LAVIS trains and stops on 2)
         pad = tcfg.get("pad_token_id")
         t["pad_token_id"] = pad if type(pad) is int and 0 <= pad < t.get("vocab_size", 32001) else 0
         text = LlamaConfig(**t)
@@ -336,7 +336,7 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
             raise ConfigError(f"text_config.feed_forward_proj must be a string, got {tcfg['feed_forward_proj']!r}")
         t["dense_act_fn"], t["is_gated_act"] = _t5_activation(tcfg)
         # T5 defaults to a tied head; transformers 5.x writes tie_word_embeddings=true for every T5
-        # and keeps the rescale decision in scale_decoder_outputs (pitfall P12). Whether a separate
+        # and keeps the rescale decision in scale_decoder_outputs. Whether a separate
         # lm_head exists is settled by the checkpoint itself at load time (see untie_if_present).
         t.setdefault("tie_word_embeddings", True)
         if "scale_decoder_outputs" not in tcfg:

@@ -1,7 +1,8 @@
 """Image preprocessing, numerically equal to HF's PIL-based BLIP image processor.
 
-The steps and their order are those of `BlipImageProcessorPil` (transformers 5.x;
-ARCHITECTURE.md §6, pitfall P10): convert to RGB (transparency composited onto
+The steps and their order are those of `BlipImageProcessorPil` (transformers 5.x; the
+torchvision backend's bicubic resize differs from PIL's by a few grey levels, so parity
+needs PIL): convert to RGB (transparency composited onto
 white), bicubic resize with PIL on uint8 to (S, S) without keeping the aspect
 ratio, rescale by 1/255 in float64 then cast to float32, normalise with the
 OpenAI CLIP mean/std in float32. Output: float32 NHWC numpy, which is what

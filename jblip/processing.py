@@ -1,7 +1,7 @@
 """From images + prompts to model inputs, and from generated ids back to text.
 
 `Processor` assembles what `VisionLanguageModel.generate` takes, equal to HF's
-`InstructBlipProcessor` / `Blip2Processor` (ARCHITECTURE.md §2.4, §5, P6):
+`InstructBlipProcessor` / `Blip2Processor`:
 
 - layout: `num_query_tokens` copies of `<image>` (`config.image_token_index`) in
   front of each row, before any padding and before BOS; a config without

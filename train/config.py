@@ -160,7 +160,7 @@ def read_config_file(path: str) -> dict:
     return d
 
 
-# LAVIS InstructBLIP (ARCHITECTURE.md §7.1): Q-Former + query tokens + ln_vision + projection
+# LAVIS InstructBLIP instruction tuning: Q-Former + query tokens + ln_vision + projection
 # trained, AdamW(0.9, 0.999) wd 0.05, warm-up 1000 updates from 1e-8 to 1e-5, cosine to 0 over
 # 60K updates, global batch 128 (7B; 192 for 3B, 64 for 11-13B). batch_size x accumulate = 128.
 RECIPES: dict[str, dict] = {

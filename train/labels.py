@@ -1,4 +1,4 @@
-"""Token layout and label masking of InstructBLIP instruction tuning (ARCHITECTURE.md §2.4).
+"""Token layout and label masking of InstructBLIP instruction tuning (as LAVIS builds its batches).
 
 Decoder-only LMs (Vicuna, OPT), LAVIS `concat_text_input_output`, right padded:
     input_ids  [<image> x Q] [BOS instruction] [answer EOS] [PAD ...]
