@@ -1,5 +1,4 @@
 """OPT decoder: parity with HF torch OPTForCausalLM, cached decoding, conversion table, full-size shapes."""
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -15,7 +14,6 @@ from convert.tables.opt import RULES
 from jblip.config import PRESETS, from_hf_config
 from jblip.opt import OPTModel
 
-HF_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "hf_keys"
 
 
 def hf_opt(word_embed_proj_dim=40, pre_ln=True, seed=0):
@@ -173,14 +171,9 @@ def test_full_size_param_count(name, count):
 
 
 def test_table_fits_released_hf_keys():
-    path = HF_KEYS / "blip2-opt-2.7b.txt"
-    if not path.exists():
-        pytest.skip(f"no reference key list at {path}")
-    shapes = {}
-    for line in path.read_text().splitlines():
-        key, shape, _ = line.split("\t")
-        if key.startswith("language_model."):
-            shapes[key[len("language_model."):]] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    from tests.test_full_size import hf_key_shapes  # the released checkpoint's keys, from transformers
+    shapes = {k[len("language_model."):]: s for k, s in hf_key_shapes("blip2-opt-2.7b").items()
+              if k.startswith("language_model.")}
     targets = flatten(abstract_params(PRESETS["blip2-opt-2.7b"].text))
     assignment = plan(shapes, RULES, targets)  # raises on any missing/unexpected/mis-shaped key
     assert set(assignment) == set(stacking.per_layer_specs(targets))

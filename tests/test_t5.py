@@ -1,5 +1,4 @@
 """Flan-T5 parity with HF torch T5ForConditionalGeneration, cached decoding, bucket tables, param counts."""
-import re
 
 import flax.linen as nn
 import jax
@@ -17,7 +16,6 @@ from convert.tables.t5 import RULES, rules_for
 from jblip.config import PRESETS, T5Config
 from jblip.t5 import T5Model, relative_position_bucket
 
-HF_KEYS = "/work/shared/reference/hf_keys/instructblip-flan-t5-xl.txt"
 TINY = dict(vocab_size=97, d_model=40, d_kv=12, num_heads=3, d_ff=72, num_layers=2, num_decoder_layers=2,
             relative_attention_num_buckets=8, relative_attention_max_distance=20)
 
@@ -182,12 +180,9 @@ def test_param_count(preset, count):
 
 def test_table_covers_hf_checkpoint_keys():
     """Every `language_model.*` key of the real InstructBLIP Flan-T5-XL checkpoint is placed, shapes agree."""
-    keys = {}
-    with open(HF_KEYS) as f:
-        for line in f:
-            key, shape = line.split("\t")[:2]
-            if key.startswith("language_model."):
-                keys[key[len("language_model."):]] = tuple(int(s) for s in re.findall(r"\d+", shape))
+    from tests.test_full_size import hf_key_shapes  # the released checkpoint's keys, from transformers
+    keys = {k[len("language_model."):]: s for k, s in hf_key_shapes("instructblip-flan-t5-xl").items()
+            if k.startswith("language_model.")}
     keys["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = (32, 32)
     targets = flatten(abstract_params(PRESETS["instructblip-flan-t5-xl"].text))
     assignment = plan(keys, RULES, targets)  # per-layer paths (the stacks' slices)

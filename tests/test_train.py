@@ -132,12 +132,14 @@ def _remat_case(text, policy):
 
 @pytest.mark.parametrize("text", [TINY.text, TINY_OPT_TEXT, TINY_T5_TEXT], ids=["llama", "opt", "t5"])
 def test_remat_policy_wraps_each_layer_stack(text):
-    """A named remat policy puts each LM stack's scanned block under jax.checkpoint: once per
-    stack, whatever its depth (T5 has two stacks)."""
+    """A named remat policy puts each layer stack's scanned block under jax.checkpoint: once per
+    stack, whatever its depth (T5 has two LM stacks), and each Q-Former layer kept outside a
+    stack once (the tiny Q-Former's two layers are both outside: one group would be its last)."""
     fns, args = _remat_case(text, "full")
     traced = [str(jax.make_jaxpr(fn)(*args)) for fn in fns]
-    stacks = 2 if isinstance(text, T5Config) else 1
-    assert "remat" not in traced[0] and traced[1].count("remat") == stacks
+    llm_stacks = 2 if isinstance(text, T5Config) else 1
+    vision_stacks, qformer_tail = 1, TINY.qformer.num_layers
+    assert "remat" not in traced[0] and traced[1].count("remat") == llm_stacks + vision_stacks + qformer_tail
 
 
 @pytest.mark.parametrize("policy", ["full", "dots_saveable", "minimal"])
