@@ -5,8 +5,10 @@ This is the simple engine (static batching). Requests are grouped by their `Samp
 (a static argument of the jitted decode loop, so a group is one compiled program); a
 request with a client-chosen sampling seed runs alone, because a sampled row's random draws
 depend on its place in the batch and its answer must not depend on who else was waiting.
-Batches are padded to a power-of-two number of rows (copies of the last request) so that
-few batch shapes ever compile.
+A shared batch is always padded to the full `max_batch` rows (copies of its last request), so
+each decoding setting and prompt-length bucket compiles one program, whatever the traffic;
+a lone seeded request keeps its own size (its random draws depend on the batch shape, and
+must equal those of `generate` called on it alone).
 """
 from __future__ import annotations
 
@@ -33,10 +35,6 @@ def _token_bucket(n: int) -> int:
 def _rows(request: EngineRequest) -> int:
     s = request.decoding.sampler
     return max(s.num_return_sequences, s.num_beams)
-
-
-def _power_of_two_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _pad_width(a: np.ndarray, width: int, value: int, left: bool) -> np.ndarray:
@@ -184,7 +182,8 @@ class BatchingEngine(Engine):
     def _run(self, batch: list[EngineRequest]):
         decoding = batch[0].decoding
         sampler = self._run_sampler(batch[0])  # one group: the same for every request in it
-        rows = _power_of_two_at_least(len(batch))
+        alone = _group_key(batch[0], sampler)[0] == "alone"
+        rows = len(batch) if alone else max(len(batch), self.max_batch // _rows(batch[0]))
         inputs = stack_inputs(batch, rows, self.model.config.family != "t5", self.pad_id)
         out = self.model.generate(**inputs, sampler=sampler, seed=decoding.seed)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)

@@ -7,6 +7,7 @@ uvicorn handles SIGTERM/SIGINT: it stops accepting connections, waits up to
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -30,10 +31,17 @@ def default_model_name(path: str) -> str:
 
 
 def run(app, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0, log_level: str = "info"):
-    """Serve until SIGTERM / SIGINT (blocks)."""
+    """Serve until SIGTERM / SIGINT (blocks), then return once shut down gracefully."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=int(shutdown_timeout))
-    uvicorn.Server(config).run()
+    # uvicorn raises the signal again after its graceful shutdown, for the handler that was
+    # there before it; make that one a no-op so a planned stop exits with status 0
+    before = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 class BackgroundServer:
