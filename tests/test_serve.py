@@ -137,6 +137,14 @@ def test_max_tokens_cuts_the_answer(client, model):
                                                                    "What colour is the circle?", max_new_tokens=1)[0]
 
 
+def test_stop_strings_end_the_answer(client):
+    options = dict(max_tokens=16, stop=["ed", "zzz"])
+    reply = ask(client, "What colour is the circle?", "red_circle.png", **options)
+    assert reply.choices[0].message.content == "r" and reply.choices[0].finish_reason == "stop"
+    chunks = list(ask(client, "What colour is the circle?", "red_circle.png", stream=True, **options))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "r"
+
+
 def test_sse_ends_with_done(server):
     body = chat_body("What colour is the circle?", data_url(example("red_circle.png")), stream=True)
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
