@@ -171,6 +171,9 @@ def test_text_completions_and_local_files(client, server, model):
     reply = client.completions.create(model=NAME, prompt=question, max_tokens=16,
                                       extra_body={"image": data_url(example("red_circle.png"))})
     assert reply.choices[0].text == want and reply.object == "text_completion"
+    chunks = list(client.completions.create(model=NAME, prompt=question, max_tokens=16, stream=True,
+                                            extra_body={"image": data_url(example("red_circle.png"))}))
+    assert "".join(c.choices[0].text for c in chunks) == want and chunks[-1].choices[0].finish_reason == "stop"
     local = client.chat.completions.create(**chat_body(question, "circle.png", max_tokens=16))
     assert local.choices[0].message.content == want
     with pytest.raises(openai.PermissionDeniedError):
