@@ -322,7 +322,8 @@ def test_client_disconnect_mid_stream_frees_its_place(held_server):
     blocker.start()
     assert engine.started_batch.wait(60)
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=dict(GOOD, stream=True), timeout=60) as r:
-        first = next(line for line in r.iter_lines() if line)
+        lines = r.iter_lines()  # kept referenced: a dropped iterator closes the connection early
+        first = next(line for line in lines if line)
         assert first.startswith("data: ") and json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
         assert engine.queue_depth == 1
     deadline = time.monotonic() + 30

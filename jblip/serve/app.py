@@ -69,6 +69,25 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid body"), where or None
 
 
+class StatusCounter:
+    """Counts responses of the completion endpoints by status. Plain ASGI (it only watches the
+    response start), so streaming responses and client disconnects pass through untouched."""
+
+    def __init__(self, app, counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        endpoint = COMPLETION_PATHS.get(scope.get("path")) if scope["type"] == "http" else None
+        if endpoint is None:
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counter.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+        await self.app(scope, receive, counting_send)
+
+
 def create_app(engine: Engine, builder: RequestBuilder, settings: ServerSettings) -> FastAPI:
     metrics = Metrics(engine)
     tokenizer = builder.processor.tokenizer
@@ -96,13 +115,7 @@ def create_app(engine: Engine, builder: RequestBuilder, settings: ServerSettings
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(APIError(str(exc.detail), exc.status_code, kind))
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        endpoint = COMPLETION_PATHS.get(request.url.path)
-        if endpoint is not None:
-            metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(StatusCounter, counter=metrics.requests)
 
     def check_model(name: str):
         if name != settings.model_name:
