@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import io
 import json
 import os
 import re
@@ -19,7 +18,6 @@ import threading
 import time
 import zlib
 
-import numpy as np
 import pytest
 from PIL import Image
 
