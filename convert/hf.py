@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 
 from convert.rules import IDENTITY, LINEAR, Rule, leading_ones, prefixed
+from jblip import families
 from jblip.config import ModelConfig
 
 
@@ -12,8 +13,7 @@ def _tower(name: str, attr: str = "RULES"):
 
 
 def _llm_rules(config: ModelConfig):
-    module = importlib.import_module(f"convert.tables.{config.family}")
-    return module.rules_for(config.text) if hasattr(module, "rules_for") else module.RULES
+    return families.family(config).hf_rules(config.text)
 
 
 def hf_rules(config: ModelConfig) -> list[Rule]:

@@ -7,6 +7,7 @@ name and precision, which are not part of a checkpoint's config).
 """
 from __future__ import annotations
 
+from jblip import families
 from jblip.config import LlamaConfig, ModelConfig, OPTConfig, T5Config
 
 
@@ -48,7 +49,7 @@ def _t5(c: T5Config) -> dict:
                 relative_attention_num_buckets=c.relative_attention_num_buckets,
                 relative_attention_max_distance=c.relative_attention_max_distance,
                 layer_norm_epsilon=c.layer_norm_epsilon,
-                # an explicit dense_act_fn wins over the one feed_forward_proj implies (pitfall P5)
+                # an explicit dense_act_fn wins over the one feed_forward_proj implies (the Salesforce checkpoints use exact GELU)
                 feed_forward_proj=gated + ("gelu" if c.dense_act_fn.startswith("gelu") else c.dense_act_fn),
                 dense_act_fn=c.dense_act_fn, is_gated_act=c.is_gated_act,
                 tie_word_embeddings=c.tie_word_embeddings, scale_decoder_outputs=c.rescales_output,
@@ -85,7 +86,7 @@ def hf_config_dict(config: ModelConfig, dtype: str | None = None) -> dict:
         model_type="instructblip" if instruct else "blip-2",
         num_query_tokens=config.num_query_tokens,
         vision_config=vision, qformer_config=qformer, text_config=_TEXT[config.family](config.text),
-        use_decoder_only_language_model=config.family != "t5",
+        use_decoder_only_language_model=not families.family(config).encoder_decoder,
     )
     if config.image_token_index is not None:
         out["image_token_index"] = config.image_token_index

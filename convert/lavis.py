@@ -8,14 +8,14 @@ A LAVIS InstructBLIP / BLIP-2 model is spread over up to three sources:
   llm    the language model as a HF folder (LlamaForCausalLM / T5ForConditionalGeneration /
          OPTForCausalLM: `model.layers.*`, `shared.*`, ...)
 Their keys are renamed to the HF InstructBLIP / BLIP-2 layout by the ordered
-string rules of HF's own conversion scripts (ARCHITECTURE.md §3.4, `LAVIS_RENAMES`),
+string rules that HF's own LAVIS conversion scripts apply (`LAVIS_RENAMES`),
 q_bias/v_bias are fused into qkv.bias (`FuseQVBias`), and then `convert.hf.hf_rules`
 converts them: there is no second param table.
 
 Precedence, as in LAVIS itself (ViT and LLM built first, then the checkpoint loaded
 over them): for a key present in several sources, model > llm > vit. Overrides are
-listed in the report. `ln_vision` uses eps 1e-5 in LAVIS (pitfall P1), so the
-config gets `vision.post_layernorm_eps = 1e-5`.
+listed in the report. LAVIS builds `ln_vision` (HF's `post_layernorm`) with eps 1e-5,
+while the ViT blocks use 1e-6, so the config gets `vision.post_layernorm_eps = 1e-5`.
 """
 from __future__ import annotations
 

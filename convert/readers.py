@@ -5,9 +5,9 @@
 """
 from __future__ import annotations
 
-import json
 import os
 
+from jblip import bounded_json
 from convert.errors import CheckpointError, UnsafeCheckpointError  # noqa: F401  (re-exported)
 from convert.safetensors_reader import SafetensorsFile, SafetensorsIndex
 from convert.tensor_source import TensorSource  # noqa: F401  (re-exported)
@@ -23,7 +23,7 @@ def _open_index(path: str, subkey):
         raise CheckpointError(f"{path}: subkey is not supported for sharded checkpoints")
     try:
         with open(path, "rb") as f:
-            shards = set(json.load(f).get("weight_map", {}).values())
+            shards = set(bounded_json.load(f, "the index").get("weight_map", {}).values())
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint index ({e})") from None
     if shards and all(s.endswith(".safetensors") for s in shards):

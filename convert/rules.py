@@ -151,7 +151,8 @@ def plan(keys_shapes: Mapping[str, tuple], rules: Iterable[Rule], targets: Mappi
         want = tuple(targets[target].shape)
         expected = rule.transform.torch_shape(want)
         if (tuple(shape) != expected) if expected is not None else (int(np.prod(shape)) != int(np.prod(want))):
-            mismatched.append(f"{key}: checkpoint {tuple(shape)} vs model {target} {want}")
+            needed = f"{expected}" if expected is not None else f"{int(np.prod(want))} elements"
+            mismatched.append(f"{key}: checkpoint {tuple(shape)}, but {target} {want} needs {needed}")
             continue
         assignment[target] = (key, rule)
     optional = set(optional)

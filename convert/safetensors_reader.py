@@ -7,7 +7,6 @@ exactly their own bytes; the file is never read as a whole.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -15,6 +14,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from jblip import bounded_json
 from convert.errors import CheckpointError  # also importable from here, as before
 from convert.sharded import ShardedSource
 from convert.tensor_source import PositionalFile, SourceBase, bytes_as
@@ -32,7 +32,7 @@ def _parse_header(path: str, raw: bytes, size: int) -> tuple[dict, dict]:
     """-> (entries, metadata); every entry checked for dtype, shape and offsets."""
     not_st = f"{path}: not a safetensors file"
     try:
-        header = json.loads(raw)
+        header = bounded_json.loads(raw, "its header")
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{not_st} (its header is not JSON: {e})") from None
     if not isinstance(header, dict):

@@ -5,10 +5,10 @@ needed, and every shard the index names must exist up front.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
+from jblip import bounded_json
 from convert.errors import CheckpointError
 from convert.tensor_source import SourceBase
 
@@ -19,7 +19,7 @@ class ShardedSource(SourceBase):
         self._open_shard = open_shard
         try:
             with open(self.path, "rb") as f:
-                index = json.load(f)
+                index = bounded_json.load(f, "the index")
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{self.path}: unreadable checkpoint index ({e})") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None

@@ -166,17 +166,47 @@ def _contiguous_strides(shape) -> tuple:
     return tuple(reversed(strides))
 
 
-def _flatten(obj, prefix: str, out: dict, path: str) -> None:
-    """Tensors of nested dicts (and lists) under dotted keys; non-tensor leaves (epoch, config strings) are dropped."""
-    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for k, v in items:
-        key = f"{prefix}{k}"
-        if isinstance(v, LazyTensor):
+MAX_NESTING = 64  # containers inside containers; state dicts nest a handful of levels
+MAX_TENSOR_KEYS = 1_000_000  # dotted keys a checkpoint may flatten to
+
+
+def _flatten(obj, path: str) -> dict:
+    """Tensors of nested dicts (and lists, tuples) under dotted keys; non-tensor leaves (epoch,
+    config strings) are dropped. A pickle is a graph (its memo lets one container appear many
+    times), so each container is flattened once and its result reused: a chain of tuples each
+    holding the previous one twice costs its length, not 2**length. Nesting deeper than
+    MAX_NESTING (or a cycle) and more than MAX_TENSOR_KEYS keys are refused with one error."""
+    done: dict[int, list] = {}  # id(container) -> [(relative key, tensor)], kept alive by `obj`
+    count = 0
+
+    def walk(node, depth):
+        nonlocal count
+        if id(node) in done:
+            return done[id(node)]
+        if depth > MAX_NESTING:
+            raise CheckpointError(f"{path}: the pickled object nests containers more than {MAX_NESTING} levels "
+                                  "deep (or contains itself); not a state dict")
+        items = node.items() if isinstance(node, Mapping) else enumerate(node)
+        flat = []
+        for k, v in items:
+            if isinstance(v, LazyTensor):
+                flat.append((str(k), v))
+            elif isinstance(v, (Mapping, list, tuple)):
+                flat.extend((f"{k}.{sub}", t) for sub, t in walk(v, depth + 1))
+            count += 1
+            if len(flat) > MAX_TENSOR_KEYS or count > 50 * MAX_TENSOR_KEYS:
+                raise CheckpointError(f"{path}: the pickled object flattens to more than {MAX_TENSOR_KEYS:,} "
+                                      "tensor keys (shared containers repeated); not a state dict")
+        done[id(node)] = flat
+        return flat
+
+    out: dict = {}
+    if isinstance(obj, (Mapping, list, tuple)):
+        for key, tensor in walk(obj, 1):
             if key in out:
                 raise CheckpointError(f"{path}: two tensors flatten to the same key {key!r}")
-            out[key] = v
-        else:
-            _flatten(v, key + ".", out, path)
+            out[key] = tensor
+    return out
 
 
 class TorchCheckpoint(SourceBase):
@@ -225,9 +255,7 @@ class TorchCheckpoint(SourceBase):
         self.subkey, obj = self._descend(obj, subkey)
         if isinstance(obj, LazyTensor):
             raise CheckpointError(f"{self.path}: holds a single tensor, not a state dict")
-        tensors: dict[str, LazyTensor] = {}
-        _flatten(obj, "", tensors, self.path)
-        self._tensors = tensors
+        self._tensors: dict[str, LazyTensor] = _flatten(obj, self.path)
 
     def _descend(self, obj, subkey):
         if subkey is not None:

@@ -7,14 +7,12 @@ checkpoint's configuration plus tiny ones for tests.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
-
-class ConfigError(ValueError):
-    pass
+from jblip import bounded_json
+from jblip.config_checks import ConfigError, check_shapes, checked_fields
 
 
 def _from_dict(cls, d: dict, what: str):
@@ -95,7 +93,6 @@ class LlamaConfig(_LanguageModelConfig):
     pad_token_id: int = 32000
     family: str = "llama"
     padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
-    remat: bool = False  # training: recompute each block in the backward pass (activation memory)
 
     @property
     def head_dim(self) -> int:
@@ -123,7 +120,6 @@ class T5Config(_LanguageModelConfig):
     decoder_start_token_id: int = 0
     family: str = "t5"
     padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
-    remat: bool = False  # training: recompute each block in the backward pass (activation memory)
 
     @property
     def hidden_size(self) -> int:
@@ -152,7 +148,6 @@ class OPTConfig(_LanguageModelConfig):
     eos_token_id: int = 50118      # BLIP-2 stops on "\n"
     family: str = "opt"
     padded_vocab_size: int | None = None  # set by jblip.sharding.pad_vocab; see vocab_rows
-    remat: bool = False  # training: recompute each block in the backward pass (activation memory)
 
     @property
     def head_dim(self) -> int:
@@ -298,52 +293,82 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
         if not os.path.exists(path):
             raise ConfigError(f"no config.json at {path}")
         with open(path) as f:
-            cfg = json.load(f)
+            try:
+                cfg = bounded_json.load(f, path)
+            except ValueError as e:
+                raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"a config.json must hold a JSON object, got {type(cfg).__name__}")
     model_type = str(cfg.get("model_type", "")).lower()
     if model_type not in ("instructblip", "blip-2", "blip_2", "blip2"):
         raise ConfigError(f"unknown model family {model_type!r}: expected an InstructBLIP or BLIP-2 config.json")
     instruct = model_type == "instructblip"
-    vcfg, qcfg, tcfg = (cfg.get(k) or {} for k in ("vision_config", "qformer_config", "text_config"))
+    tcfg = _section(cfg, "text_config")
+    family = _text_family(tcfg)
+    vcfg, qcfg = _section(cfg, "vision_config"), _section(cfg, "qformer_config", required=False)
 
-    vision = VisionConfig(**_pick(vcfg, _VISION_KEYS, None))
+    vision = VisionConfig(**checked_fields(VisionConfig, _pick(vcfg, _VISION_KEYS, None), "vision_config",
+                                           _VISION_KEYS))
     # HF has one eps for blocks and post_layernorm; jblip's exports of LAVIS models record ln_vision's apart
-    vision = replace(vision, post_layernorm_eps=vcfg.get("post_layernorm_eps", vision.layer_norm_eps))
-    q = _pick(qcfg, _QFORMER_KEYS, None)
+    post_eps = dict(post_layernorm_eps=vcfg.get("post_layernorm_eps", vision.layer_norm_eps))
+    vision = replace(vision, **checked_fields(VisionConfig, post_eps, "vision_config",
+                                              dict(post_layernorm_eps="post_layernorm_eps")))
+    q = checked_fields(QFormerConfig, _pick(qcfg, _QFORMER_KEYS, None), "qformer_config", _QFORMER_KEYS)
     q.setdefault("use_text_input", instruct)
     qformer = QFormerConfig(**q)
 
-    family = _text_family(tcfg)
     if family == "llama":
-        t = _pick(tcfg, _LLAMA_KEYS, None)
+        t = checked_fields(LlamaConfig, _pick(tcfg, _LLAMA_KEYS, None), "text_config", _LLAMA_KEYS)
         rope = tcfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta in here
-        if "rope_theta" not in t and isinstance(rope.get("rope_theta"), (int, float)):
+        if "rope_theta" not in t and isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)):
             t["rope_theta"] = float(rope["rope_theta"])
-        # BOS/EOS stay at LAVIS' `</s>`=2 (the HF Vicuna text configs carry LLaMA-1's 0/1, pitfall P8)
+            checked_fields(LlamaConfig, dict(rope_theta=t["rope_theta"]), "text_config",
+                           dict(rope_theta="rope_parameters.rope_theta"))
+        # BOS/EOS stay at LAVIS' `</s>`=2 (the HF Vicuna text configs carry LLaMA-1's 0/1; LAVIS trains and stops on 2)
         pad = tcfg.get("pad_token_id")
-        t["pad_token_id"] = pad if isinstance(pad, int) and 0 <= pad < t.get("vocab_size", 32001) else 0
+        t["pad_token_id"] = pad if type(pad) is int and 0 <= pad < t.get("vocab_size", 32001) else 0
         text = LlamaConfig(**t)
         if "num_key_value_heads" not in tcfg:
             text = replace(text, num_kv_heads=text.num_heads)
     elif family == "t5":
-        t = _pick(tcfg, _T5_KEYS, None)
+        t = checked_fields(T5Config, _pick(tcfg, _T5_KEYS, None), "text_config", _T5_KEYS)
+        if not isinstance(tcfg.get("feed_forward_proj", ""), str):
+            raise ConfigError(f"text_config.feed_forward_proj must be a string, got {tcfg['feed_forward_proj']!r}")
         t["dense_act_fn"], t["is_gated_act"] = _t5_activation(tcfg)
         # T5 defaults to a tied head; transformers 5.x writes tie_word_embeddings=true for every T5
-        # and keeps the rescale decision in scale_decoder_outputs (pitfall P12). Whether a separate
+        # and keeps the rescale decision in scale_decoder_outputs. Whether a separate
         # lm_head exists is settled by the checkpoint itself at load time (see untie_if_present).
         t.setdefault("tie_word_embeddings", True)
         if "scale_decoder_outputs" not in tcfg:
             t["scale_decoder_outputs"] = t["tie_word_embeddings"]
         text = T5Config(**t)
     else:
-        t = _pick(tcfg, _OPT_KEYS, None)
+        t = checked_fields(OPTConfig, _pick(tcfg, _OPT_KEYS, None), "text_config", _OPT_KEYS)
         text = OPTConfig(**t)
         if "word_embed_proj_dim" not in tcfg:
             text = replace(text, word_embed_proj_dim=text.hidden_size)
 
-    image_token = cfg.get("image_token_index", cfg.get("image_token_id"))
-    return ModelConfig(vision=vision, qformer=qformer, text=text,
-                       num_query_tokens=cfg.get("num_query_tokens", 32),
-                       image_token_index=image_token, name=name)
+    top = checked_fields(ModelConfig, _pick(cfg, _TOP_KEYS, None), "", _TOP_KEYS)
+    if "image_token_index" not in top and cfg.get("image_token_id") is not None:
+        top = checked_fields(ModelConfig, dict(image_token_index=cfg["image_token_id"]), "",
+                             dict(image_token_index="image_token_id"))
+    config = ModelConfig(vision=vision, qformer=qformer, text=text, name=name, **top)
+    check_shapes(config)
+    return config
+
+
+_TOP_KEYS = dict(num_query_tokens="num_query_tokens", image_token_index="image_token_index")
+
+
+def _section(cfg: dict, key: str, required: bool = True) -> dict:
+    """A sub-config; an absent Q-Former one means the standard Q-Former (BERT-base sized)."""
+    if key not in cfg:
+        if not required:
+            return {}
+        raise ConfigError(f"the config has no {key} (every InstructBLIP / BLIP-2 config.json has one)")
+    if not isinstance(cfg[key], dict):
+        raise ConfigError(f"{key} must be a JSON object, got {cfg[key]!r}")
+    return cfg[key]
 
 
 def untie_if_present(config: ModelConfig, checkpoint_keys) -> ModelConfig:

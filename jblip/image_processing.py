@@ -1,7 +1,8 @@
 """Image preprocessing, numerically equal to HF's PIL-based BLIP image processor.
 
-The steps and their order are those of `BlipImageProcessorPil` (transformers 5.x;
-ARCHITECTURE.md §6, pitfall P10): convert to RGB (transparency composited onto
+The steps and their order are those of `BlipImageProcessorPil` (transformers 5.x; the
+torchvision backend's bicubic resize differs from PIL's by a few grey levels, so parity
+needs PIL): convert to RGB (transparency composited onto
 white), bicubic resize with PIL on uint8 to (S, S) without keeping the aspect
 ratio, rescale by 1/255 in float64 then cast to float32, normalise with the
 OpenAI CLIP mean/std in float32. Output: float32 NHWC numpy, which is what
@@ -9,12 +10,14 @@ OpenAI CLIP mean/std in float32. Output: float32 NHWC numpy, which is what
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 from typing import Iterable, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from jblip import bounded_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,23 +30,62 @@ class ImageError(ValueError):
     """An image that cannot be read or used, with a message naming it."""
 
 
+# Decoded-pixel bounds: a huge image is decoded at a reduced scale where the format allows it
+# (JPEG's DCT scaling via `draft`) and shrunk right after decoding otherwise, so each decode
+# worker holds at most about REDUCE_ABOVE pixels afterwards; files whose decode would still need
+# more than MAX_DECODED_PIXELS are refused before any pixel is decoded. Images at or below
+# REDUCE_ABOVE are decoded exactly as HF does.
+REDUCE_ABOVE = 4096 * 4096
+MAX_DECODED_PIXELS = 8192 * 8192  # about 200 MB as RGB
+
+
+def _check_regular_file(path: str) -> None:
+    import stat
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"{path} is a directory, not an image file")
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+        raise ImageError(f"{path} is not a regular file (a pipe, socket or device); give an image file")
+
+
+def _decode_bounded(image: Image.Image, path: str) -> Image.Image:
+    w, h = image.size
+    if w * h > REDUCE_ABOVE and image.format == "JPEG":
+        scale = (REDUCE_ABOVE / (w * h)) ** 0.5
+        image.draft(image.mode, (max(1, int(w * scale)), max(1, int(h * scale))))  # never below that size
+    w, h = image.size
+    if w * h > MAX_DECODED_PIXELS:
+        raise ImageError(f"{path}: image is {w}x{h} ({w * h / 1e6:.0f} megapixels); images that must be decoded "
+                         f"whole are limited to {MAX_DECODED_PIXELS / 1e6:.0f} megapixels: downscale it first")
+    image.load()  # decode now so corrupt data fails here, not later in a batch
+    if w * h > REDUCE_ABOVE:
+        factor = math.ceil(((w * h) / REDUCE_ABOVE) ** 0.5)
+        try:
+            image = image.reduce(factor)  # box-average down right away, before more copies are made
+        except ValueError:  # a mode reduce() does not take (palette, 1-bit): transparency kept via RGBA
+            image = image.convert("RGBA").reduce(factor)
+    return image
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image file (EXIF orientation applied, as HF `load_image` does).
 
-    Raises FileNotFoundError for a missing file and ImageError for anything that is
-    not a readable image (wrong format, truncated or corrupt data)."""
+    Raises FileNotFoundError for a missing file and ImageError for anything that is not a
+    readable image file (not a regular file, wrong format, truncated or corrupt data, more
+    decoded pixels than MAX_DECODED_PIXELS)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image file not found: {path}")
-    if os.path.isdir(path):
-        raise ImageError(f"{path} is a directory, not an image file")
+    _check_regular_file(path)
     try:
         with Image.open(path) as image:
-            image.load()  # decode now so corrupt data fails here, not later in a batch
-            return ImageOps.exif_transpose(image)
+            return ImageOps.exif_transpose(_decode_bounded(image, path))
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: image too large to decode safely ({e})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(f"cannot read image {path}: {e}") from None
 
 
@@ -118,7 +160,7 @@ def _saved_image_settings(path: str) -> dict:
         file = os.path.join(path, name)
         if os.path.isfile(file):
             with open(file) as f:
-                data = json.load(f)
+                data = bounded_json.load(f, file)
             data = data.get(key, {}) if key else data
             if data:
                 return data

@@ -10,28 +10,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jblip import families
 from jblip.config import ModelConfig
 from jblip.layers import Linear
+from jblip.scan import check_remat
 from jblip.qformer import QFormer
 from jblip.vision import VisionTransformer
 
 
-def language_model_class(family: str):
-    if family == "llama":
-        from jblip.llama import LlamaModel
-        return LlamaModel
-    if family == "opt":
-        from jblip.opt import OPTModel
-        return OPTModel
-    if family == "t5":
-        from jblip.t5 import T5Model
-        return T5Model
-    raise ValueError(f"unknown language-model family {family!r}; jblip supports llama, opt, t5")
-
-
-def positions_from_mask(mask):
-    """Position ids for left-padded rows: first real token at 0 (pads get 0)."""
-    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+def language_model_class(family_name: str):
+    return families.family(family_name).module_class()
 
 
 def scatter_queries(embeds, queries, is_placeholder):
@@ -42,20 +30,26 @@ def scatter_queries(embeds, queries, is_placeholder):
 
 
 class BlipModel(nn.Module):
+    """`remat`: the named recompute policy of every layer stack (`jblip.scan`), a run-time choice
+    (training), not part of the architecture."""
     config: ModelConfig
+    remat: str = "none"
 
     def setup(self):
         c, p = self.config, self.config.precision
+        check_remat(self.remat)
         param_dtype = jnp.dtype(p.param_dtype)
         self.vision = VisionTransformer(c.vision, dtype=jnp.dtype(p.vision), param_dtype=param_dtype)
         self.qformer = QFormer(c.qformer, c.num_query_tokens, dtype=jnp.dtype(p.qformer), param_dtype=param_dtype)
         self.projection = Linear((c.qformer.hidden_size,), (c.text.hidden_size,), ("qf_embed", "embed"),
                                  use_bias=True, dtype=jnp.dtype(p.qformer), param_dtype=param_dtype)
-        self.llm = language_model_class(c.family)(c.text, dtype=jnp.dtype(p.text), param_dtype=param_dtype)
+        # TODO(coordinator): pass remat=self.remat to the vision and Q-Former towers once they take it
+        self.llm = language_model_class(c.family)(c.text, dtype=jnp.dtype(p.text), param_dtype=param_dtype,
+                                                  remat=self.remat)
 
     @property
     def is_encoder_decoder(self) -> bool:
-        return self.config.family == "t5"
+        return families.family(self.config).encoder_decoder
 
     def image_features(self, pixel_values):
         """Post-layernorm ViT output [B, 1+P, D_v] (pixels NHWC)."""
@@ -82,14 +76,23 @@ class BlipModel(nn.Module):
         return scatter_queries(embeds, queries, is_placeholder), attention_mask
 
     def __call__(self, pixel_values, input_ids, attention_mask, qformer_ids=None, qformer_mask=None,
-                 decoder_input_ids=None, prepend_queries: bool = False):
-        """Full forward; returns float32 logits (decoder logits for T5)."""
+                 decoder_input_ids=None, prepend_queries: bool = False, return_hidden: bool = False):
+        """Full forward; returns float32 logits (decoder logits for T5), and with `return_hidden`
+        also the language model's states after its final norm."""
         queries = self.encode_image(pixel_values, qformer_ids, qformer_mask)
         embeds, mask = self.merge_queries(queries, input_ids, attention_mask, prepend_queries)
-        if self.is_encoder_decoder:
-            return self.llm(embeds, mask, decoder_input_ids)
-        logits, _ = self.llm(embeds, positions_from_mask(mask), mask.astype(bool))
-        return logits
+        return self.llm(embeds, mask, decoder_input_ids, return_hidden=return_hidden)
+
+    def hidden_states(self, pixel_values, input_ids, attention_mask, qformer_ids=None, qformer_mask=None,
+                      decoder_input_ids=None, prepend_queries: bool = False):
+        """The language model's states after its final norm [B, T, D] (no head: see `lm_head`)."""
+        queries = self.encode_image(pixel_values, qformer_ids, qformer_mask)
+        embeds, mask = self.merge_queries(queries, input_ids, attention_mask, prepend_queries)
+        return self.llm.hidden(embeds, mask, decoder_input_ids)
+
+    def lm_head(self, hidden):
+        """The language model's position-wise head: fp32 logits."""
+        return self.llm.head(hidden)
 
     # Pieces used by the decode loop (vision + Q-Former run once, outside the loop).
     def embed_tokens(self, ids):
@@ -107,7 +110,7 @@ def dummy_inputs(config: ModelConfig, batch: int = 1):
     )
     if config.qformer.use_text_input:
         inputs.update(qformer_ids=jnp.ones((batch, 2), jnp.int32), qformer_mask=jnp.ones((batch, 2), jnp.int32))
-    if config.family == "t5":
+    if families.family(config).encoder_decoder:
         inputs.update(decoder_input_ids=jnp.zeros((batch, 1), jnp.int32))
     return inputs
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import Callable
 
 import flax.linen as nn
@@ -10,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jblip import sharding
+from jblip import families, sharding
 from jblip.config import ModelConfig, Precision, from_hf_config, untie_if_present
 from jblip.generate import GenerateOutput
 from jblip.generate import generate as generate_tokens
 from jblip.model import BlipModel, abstract_params
-from jblip.sampling import SamplerConfig
+from jblip.sampling import SamplerConfig, bucket, longest_output, split
 
 
 class InputError(ValueError):
@@ -174,7 +175,7 @@ class VisionLanguageModel:
         q_ids, q_mask = self._qformer_inputs(batch, qformer_input_ids, qformer_attention_mask)
         inputs = dict(pixel_values=pixels, input_ids=jnp.asarray(ids, jnp.int32),
                       attention_mask=jnp.asarray(mask, jnp.int32), qformer_ids=q_ids, qformer_mask=q_mask)
-        if self.config.family == "t5":
+        if families.family(self.config).encoder_decoder:
             if decoder_input_ids is None:
                 raise InputError("Flan-T5 models need decoder_input_ids (start with decoder_start_token_id "
                                  f"{self.config.text.decoder_start_token_id})")
@@ -186,23 +187,28 @@ class VisionLanguageModel:
     # ------------------------------------------------------------------ generation
     def default_sampler(self) -> SamplerConfig:
         text = self.config.text
-        pad = max(getattr(text, "pad_token_id", 0), 0)
-        return SamplerConfig(eos_token_ids=(text.eos_token_id,), pad_token_id=pad)
+        pad = max(getattr(text, "pad_token_id", 0) or 0, 0)
+        eos = text.eos_token_id
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        return SamplerConfig(eos_token_ids=eos, pad_token_id=pad)
 
     @functools.cached_property
     def _generate_jit(self):
-        def run(params, cfg, prepend_queries, rng, **inputs):
-            return generate_tokens(self.module, params, cfg, rng=rng, prepend_queries=prepend_queries, **inputs)
-        return jax.jit(run, static_argnames=("cfg", "prepend_queries"))
+        def run(params, static, rows, prepend_queries, **inputs):
+            return generate_tokens(self.module, params, static, rows, prepend_queries=prepend_queries, **inputs)
+        return jax.jit(run, static_argnames=("static", "prepend_queries"))
 
     def generate(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
-                 qformer_attention_mask=None, sampler: SamplerConfig | None = None, seed: int = 0,
+                 qformer_attention_mask=None, sampler: SamplerConfig | None = None, seed=0,
                  **options) -> GenerateOutput:
         """Decode new tokens for a batch of images + prompts (HF `generate` semantics).
 
         `sampler` (or keyword options such as max_new_tokens=, strategy="beam", num_beams=)
-        controls decoding. Returns token ids of the new tokens only, [B * num_return_sequences,
-        max_new_tokens], pad after EOS, with per-row lengths.
+        controls decoding; knobs such as temperature, top_p, max_new_tokens take a scalar or one
+        value per row, and new values reuse the compiled program (`jblip.sampling`). `seed`: an
+        int s (row b samples with seed s + b) or one per row; a row's samples depend only on its
+        own seed and settings. Returns token ids of the new tokens only, [B * num_return_sequences,
+        largest max_new_tokens], pad after EOS or the row's own limit, with per-row lengths.
         """
         cfg = (sampler or self.default_sampler()).replace(**options) if options else (sampler or self.default_sampler())
         pixels = _as_nhwc(pixel_values, self.config.vision.num_channels)
@@ -212,14 +218,17 @@ class VisionLanguageModel:
         if ids.ndim != 2 or ids.shape[0] != batch or mask.shape != ids.shape:
             raise InputError(f"input_ids/attention_mask must both be [batch={batch}, length]; got {ids.shape}, {mask.shape}")
         check_token_ids(ids, self.config.text.vocab_size, "input_ids")
+        static, rows = split(cfg, batch, seed)
         prepend = self.query_layout(ids)
-        ids, mask = pad_to_bucket(ids, mask, self.config, cfg)
+        ids, mask = pad_to_bucket(ids, mask, self.config, longest_output(cfg), cfg.pad_token_id)
         q_ids, q_mask = self._qformer_inputs(batch, qformer_input_ids, qformer_attention_mask)
         inputs = self.shard_inputs(dict(pixel_values=pixels, input_ids=np.asarray(ids, np.int32),
                                         attention_mask=np.asarray(mask, np.int32), qformer_ids=q_ids,
                                         qformer_mask=q_mask))
         with self.sharding_context():
-            return self._generate_jit(self.params, cfg, prepend, jax.random.key(seed), **inputs)
+            out = self._generate_jit(self.params, static, rows, prepend, **inputs)
+        width = longest_output(cfg)  # the program's output is as wide as its bucketed cap
+        return out if width == out.tokens.shape[1] else out._replace(tokens=out.tokens[:, :width])
 
     # ------------------------------------------------------------------ text in, text out
     def generate_text(self, images, prompts, **options) -> list[str]:
@@ -231,42 +240,60 @@ class VisionLanguageModel:
 
 def bucket_length(n: int, minimum: int = 16) -> int:
     """Prompt lengths are padded to these buckets so new lengths rarely recompile."""
-    b = minimum
-    while b < n:
-        b = b * 2 if b < 256 else b + 256
-    return b
+    return bucket(n, minimum)
 
 
-def pad_to_bucket(ids, mask, config: ModelConfig, cfg: SamplerConfig):
-    """Left-pad decoder-only prompts (right-pad T5 encoder inputs) to the bucket length."""
+def pad_to_bucket(ids, mask, config: ModelConfig, max_new_tokens: int, pad_token_id: int):
+    """Left-pad decoder-only prompts (right-pad T5 encoder inputs) to the bucket length, after
+    checking that prompt + `max_new_tokens` (the longest row's) fit the LM's positions."""
     n = ids.shape[1]
+    family = families.family(config)
     limit = getattr(config.text, "max_position_embeddings", None)
-    if limit is not None and config.family != "t5":
+    if limit is not None and family.prompt_uses_positions:
         used = n + (config.num_query_tokens if config.image_token_index is None or
                     not np.any(ids == config.image_token_index) else 0)
-        if used + cfg.max_new_tokens > limit:
-            raise InputError(f"prompt of {used} positions + max_new_tokens={cfg.max_new_tokens} exceeds the "
+        if used + max_new_tokens > limit:
+            raise InputError(f"prompt of {used} positions + max_new_tokens={max_new_tokens} exceeds the "
                              f"language model's {limit} positions; shorten the prompt or max_new_tokens")
     extra = bucket_length(n) - n
     if extra == 0:
         return ids, mask
     vocab = config.text.vocab_size
-    pad_id = cfg.pad_token_id if 0 <= cfg.pad_token_id < vocab else 0  # masked anyway; must be a valid row
-    side = ((0, 0), (0, extra)) if config.family == "t5" else ((0, 0), (extra, 0))
+    pad_id = pad_token_id if 0 <= pad_token_id < vocab else 0  # masked anyway; must be a valid row
+    side = ((0, 0), (0, extra)) if family.prompt_padding_side == "right" else ((0, 0), (extra, 0))
     return np.pad(ids, side, constant_values=pad_id), np.pad(mask, side, constant_values=0)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def is_hub_id(path_or_id) -> bool:
+    """True only for an `owner/name` string that names nothing on this machine: no file, folder or
+    link (even a broken one or a loop) at that path, nor a folder called `owner`. So a local
+    path is never sent to the HF hub, where it would fail slowly with a misleading message."""
+    if not isinstance(path_or_id, str) or not _HUB_ID.fullmatch(path_or_id) or path_or_id.endswith((".", "-")):
+        return False
+    owner = path_or_id.split("/", 1)[0]
+    return not os.path.lexists(path_or_id) and not os.path.lexists(owner)
+
+
+def _local_problem(path: str) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"{path} is a broken symbolic link or a symlink loop"
+    return f"no checkpoint at {path!r}"
 
 
 def _resolve_path(path_or_id: str) -> str:
     if os.path.exists(path_or_id):
         return os.fspath(path_or_id)
-    if isinstance(path_or_id, str) and path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/")):
+    if is_hub_id(path_or_id):
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
             raise FileNotFoundError(f"{path_or_id!r} is not a local path; to fetch it from the HF hub install "
                                     "huggingface_hub (pip install 'jblip[hub]')") from None
         return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    raise FileNotFoundError(f"no checkpoint at {path_or_id!r}")
+    raise FileNotFoundError(_local_problem(os.fspath(path_or_id)))
 
 
 def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
@@ -299,5 +326,32 @@ def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
             targets = flatten(sharding.param_shardings(boxed, mesh, rules))
             shapes = flatten(nn.unbox(boxed))  # padded where the vocab is
             place = lambda path, x: sharding.place(x, targets[path], shapes[path].shape)
-        params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=place, progress=progress)
+        watch = NonFiniteWatch(place)
+        params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress)
+    watch.warn(path)
     return VisionLanguageModel(config, params, path, mesh=mesh, rules=rules)
+
+
+class NonFiniteWeightsWarning(RuntimeWarning):
+    """A loaded checkpoint holds NaN or infinite weights: its outputs will be meaningless."""
+
+
+class NonFiniteWatch:
+    """A `place` function that also notes every tensor holding NaN or inf, on the host copy the
+    loader has anyway (one pass per tensor, nothing kept)."""
+
+    def __init__(self, place):
+        self.place, self.bad = place, []
+
+    def __call__(self, path, x):
+        x = np.asarray(x)
+        if x.dtype.kind in "fcV" and x.size and not np.isfinite(x).all():  # V: bfloat16 / float8 (ml_dtypes)
+            self.bad.append(path)
+        return self.place(path, x)
+
+    def warn(self, where: str):
+        if self.bad:
+            import warnings
+            shown = ", ".join(self.bad[:5]) + (f" and {len(self.bad) - 5} more" if len(self.bad) > 5 else "")
+            warnings.warn(f"{where}: {len(self.bad)} weight tensor(s) hold NaN or infinite values ({shown}); "
+                          "the model's outputs will be meaningless", NonFiniteWeightsWarning, stacklevel=3)

@@ -1,7 +1,7 @@
 """From images + prompts to model inputs, and from generated ids back to text.
 
 `Processor` assembles what `VisionLanguageModel.generate` takes, equal to HF's
-`InstructBlipProcessor` / `Blip2Processor` (ARCHITECTURE.md §2.4, §5, P6):
+`InstructBlipProcessor` / `Blip2Processor`:
 
 - layout: `num_query_tokens` copies of `<image>` (`config.image_token_index`) in
   front of each row, before any padding and before BOS; a config without
@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jblip import families
 from jblip.config import ModelConfig, from_hf_config
 from jblip.image_processing import ImageLike, ImageProcessor
 from jblip.text_processing import TextTokenizer, load_tokenizers
@@ -83,7 +84,7 @@ class Processor:
         """(language-model prompt limit, Q-Former text limit) in tokens."""
         text_limit = max_length
         model_positions = getattr(self.config.text, "max_position_embeddings", None)
-        if model_positions is not None and self.config.family != "t5":
+        if model_positions is not None and families.family(self.config).prompt_uses_positions:
             room = model_positions - self.config.num_query_tokens
             text_limit = room if text_limit is None else min(text_limit, room)
         q_limit = self.config.qformer.max_position_embeddings
@@ -143,7 +144,7 @@ class Processor:
     def _layout(self, ids: list[list[int]]) -> dict:
         config = self.config
         pad = _first_not_none(self.tokenizer.special_id("pad_token"), getattr(config.text, "pad_token_id", 0))
-        text_ids, text_mask = _pad(ids, pad, left=config.family != "t5")
+        text_ids, text_mask = _pad(ids, pad, left=families.family(config).prompt_padding_side == "left")
         if config.image_token_index is not None:
             batch, q = len(ids), config.num_query_tokens
             text_ids = np.concatenate([np.full((batch, q), config.image_token_index, np.int32), text_ids], 1)

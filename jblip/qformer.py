@@ -7,6 +7,14 @@ Two variants, chosen by `QFormerConfig.use_text_input`:
 - BLIP-2: queries only; no text embeddings and no text feed-forward params.
 Only query positions cross-attend to the image, on every
 `cross_attention_frequency`-th layer (0, f, 2f, ...).
+
+Layer stack: groups of f layers (cross-attention in the group's first) are one
+scanned stack (`jblip.scan.stack`), so compile time does not grow with depth:
+params `layers/layer_{j}/<path>` with a leading [G] axis stand for layer g*f + j.
+The stack holds the whole groups that end before the last layer; the 1 to f
+layers after them, the last included, stay separate modules `layers_{m}` (12
+layers, f=2: a stack of 5 groups, then layers_10 and layers_11). See
+`QFormer.__call__` for why.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import jax.numpy as jnp
 
 from jblip.config import QFormerConfig
 from jblip.layers import Dtype, Embed, LayerNorm, Linear, activation, attention, key_padding_bias, logical_param
+from jblip.scan import stack, with_remat
 
 
 class QFormerAttention(nn.Module):
@@ -55,15 +64,16 @@ class QFormerLayer(nn.Module):
     """One post-LN block; positions [:num_queries] are queries, the rest text."""
     config: QFormerConfig
     has_cross_attention: bool
+    num_queries: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, image_embeds, self_bias, num_queries: int, queries_only: bool = False):
+    def __call__(self, x, image_embeds, self_bias, queries_only: bool = False):
         """`queries_only`: return the query rows alone, and compute text rows only as keys and
         values (the last layer, whose text outputs nothing reads: autodiff would otherwise run
         their feed-forward block forward and backward). Init still creates every param."""
-        cfg = self.config
+        cfg, num_queries = self.config, self.num_queries
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def norm(name):
@@ -83,6 +93,22 @@ class QFormerLayer(nn.Module):
         # Runs (at no cost) on zero text positions too, so the params always exist as in HF.
         text = norm("text_ffn_norm")(text + QFormerFFN(cfg, **kw, name="text_ffn")(text))
         return jnp.concatenate([queries, text], axis=1)
+
+
+class QFormerGroup(nn.Module):
+    """`cross_attention_frequency` consecutive layers, cross-attention in the first: one scan step."""
+    config: QFormerConfig
+    num_queries: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, image_embeds, self_bias):
+        kw = dict(num_queries=self.num_queries, dtype=self.dtype, param_dtype=self.param_dtype)
+        for j in range(self.config.cross_attention_frequency):
+            x = QFormerLayer(self.config, has_cross_attention=j == 0, **kw, name=f"layer_{j}")(
+                x, image_embeds, self_bias)
+        return x, None
 
 
 class QFormerEmbeddings(nn.Module):
@@ -109,12 +135,14 @@ class QFormer(nn.Module):
     Owns the learned `query_tokens` (Q, D). The first Q outputs are the query
     outputs used downstream. `text_mask` marks valid text tokens (1) and pads (0);
     queries always attend and are always attended to. BLIP-2 configs
-    (`use_text_input=False`) take no text.
+    (`use_text_input=False`) take no text. `remat` names the recompute policy
+    of the layers (see `jblip.scan`).
     """
     config: QFormerConfig
     num_query_tokens: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, image_embeds, text_ids=None, text_mask=None, queries_only: bool = False):
@@ -140,10 +168,21 @@ class QFormer(nn.Module):
             mask = jnp.concatenate([jnp.ones((b, nq), bool), text_mask.astype(bool)], axis=1)
             self_bias = key_padding_bias(mask)
 
-        for i in range(cfg.num_layers):
-            layer = QFormerLayer(cfg, has_cross_attention=i % cfg.cross_attention_frequency == 0,
-                                 **kw, name=f"layers_{i}")
-            x = layer(x, image_embeds, self_bias, nq, queries_only and i == cfg.num_layers - 1)
+        # The last layer stays out of the scan: under `queries_only` it returns the query rows
+        # alone, a shape a scan step cannot change its carry to, and computing its text rows
+        # anyway would run their feed-forward forward and backward in every train step for
+        # outputs nothing reads. So the stack holds the whole groups before the last layer,
+        # and the 1 to f layers after them run unscanned (compile time still independent
+        # of depth).
+        f, last = cfg.cross_attention_frequency, cfg.num_layers - 1
+        groups = max(last // f, 0)
+        if groups:
+            scanned = stack(QFormerGroup, groups, in_axes=(nn.broadcast, nn.broadcast), remat=self.remat)
+            x, _ = scanned(cfg, nq, **kw, name="layers")(x, image_embeds, self_bias)
+        layer_cls = with_remat(QFormerLayer, self.remat, static_argnums=(4,))  # queries_only is static
+        for i in range(groups * f, cfg.num_layers):
+            layer = layer_cls(cfg, has_cross_attention=i % f == 0, num_queries=nq, **kw, name=f"layers_{i}")
+            x = layer(x, image_embeds, self_bias, queries_only and i == last)
         return x
 
     def _check_inputs(self, image_embeds, text_ids, text_mask):

@@ -104,7 +104,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("qf_queries", None),
 )
 
-CACHE_AXES = kv_cache.AXES  # cache leaves [B, N, S, H]
+CACHE_AXES = kv_cache.AXES  # stacked cache leaves [L, B, N, S, H]
 LOGITS_AXES = ("batch", "length", "vocab")
 
 Rules = Sequence[tuple[str, "str | tuple[str, ...] | None"]]
@@ -243,7 +243,7 @@ def batch_spec(batch: int, mesh, rules: Rules = LOGICAL_RULES) -> P:
 
 
 def cache_shardings(cache, mesh: Mesh, rules: Rules = LOGICAL_RULES, axes: Sequence[str] = CACHE_AXES):
-    """Shardings for a KV cache tree (leaves [B, N, S, H], see jblip.kv_cache), e.g. for
+    """Shardings for a KV cache tree (stacked leaves [L, B, N, S, H], see jblip.kv_cache), e.g. for
     `jax.lax.with_sharding_constraint` in a decode loop."""
     return jax.tree_util.tree_map(lambda x: logical_to_sharding(x.shape, axes, mesh, rules), cache)
 

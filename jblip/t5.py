@@ -1,10 +1,12 @@
 """Flan-T5 (T5 v1.1) encoder-decoder with cross-attention K/V and a static self-attention cache.
 
-Generation runs `encode` once, `cross_kv` once, then `decode` once for the
-prompt-free start token and once per new token, writing the decoder's
-self-attention K/V into a fixed-size cache at slot `cache_index`.
+Generation (`prefill`, then `decode_step`; see `jblip.language_model`) runs the
+encoder once, then the decoder once for the prompt-free start token (which
+also computes every layer's cross-attention K/V, kept for the later steps)
+and once per new token, writing the decoder's self-attention K/V into a
+fixed-size stacked cache at slot `slot`. Both stacks are scanned.
 
-T5 specifics (ARCHITECTURE.md §4.2): RMS norm without bias, no 1/sqrt(d_kv)
+T5 specifics: RMS norm without bias, no 1/sqrt(d_kv)
 logit scaling, a learned relative-position bias owned by block 0 of each stack
 and shared by all its layers, no position bias in cross-attention, gated FFN
 with exact GELU for the Salesforce checkpoints, and a d_model**-0.5 rescale of
@@ -20,8 +22,10 @@ import jax.numpy as jnp
 
 from jblip import kv_cache
 from jblip.config import T5Config
+from jblip.language_model import LMHead, LMState, tied_logits
 from jblip.layers import (Embed, LayerNorm, Linear, activation, attention, causal_bias,
                           init_normal, key_padding_bias, logical_param)
+from jblip.scan import stack
 
 Dtype = jnp.dtype
 
@@ -48,11 +52,6 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
     log_ratio = jnp.log(scaled) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
     large = jnp.minimum(max_exact + log_ratio.astype(jnp.int32), num_buckets - 1)
     return offset + jnp.where(distance < max_exact, distance, large)
-
-
-def init_cache(config: T5Config, batch: int, max_len: int, dtype=jnp.float32):
-    """Decoder self-attention cache (see jblip.kv_cache)."""
-    return kv_cache.init(config.num_decoder_layers, batch, config.num_heads, max_len, config.d_kv, dtype)
 
 
 class RelativePositionBias(nn.Module):
@@ -130,6 +129,7 @@ def _residual(x):
 
 
 class T5EncoderLayer(nn.Module):
+    """Scan body: carry x, the position + padding bias broadcast to every layer."""
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -141,10 +141,13 @@ class T5EncoderLayer(nn.Module):
         attn = T5Attention(self.config, name="self_attn", **kw)
         x = x + attn(h, *attn.kv(h), bias)
         x = x + T5MLP(self.config, name="mlp", **kw)(_norm(self.config, name="mlp_norm", **kw)(x))
-        return _residual(x)
+        return _residual(x), None
 
 
 class T5DecoderLayer(nn.Module):
+    """Scan body: carry (x, stacked self-attention cache or None); scanned: the layer index and
+    its cross-attention K/V (None: computed here from the broadcast encoder output and
+    returned, stacked by the scan, for the decode steps to reuse)."""
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -158,38 +161,39 @@ class T5DecoderLayer(nn.Module):
         self.mlp_norm = _norm(c, **kw)
         self.mlp = T5MLP(c, **kw)
 
-    def cross_kv(self, enc_out):
-        return self.cross_attn.kv(enc_out)
-
-    def __call__(self, x, self_bias, cross_k, cross_v, cross_bias, layer_cache, cache_index):
+    def __call__(self, carry, layer, cross, enc_out, self_bias, cross_bias, slot):
+        x, cache = carry
         h = self.self_attn_norm(x)
         k, v = self.self_attn.kv(h)
-        new_cache = None
-        if layer_cache is not None:
-            new_cache = kv_cache.write(layer_cache, k, v, cache_index)
-            k, v = new_cache["k"], new_cache["v"]
-        x = x + self.self_attn(h, k, v, self_bias, heads_major=layer_cache is not None)
-        x = x + self.cross_attn(self.cross_attn_norm(x), cross_k, cross_v, cross_bias)
+        if cache is not None:  # write this layer's new slots, attend over all of its slots
+            cache = kv_cache.write_layer(cache, layer, k, v, slot)
+            k, v = kv_cache.read_layer(cache, layer)
+        x = x + self.self_attn(h, k, v, self_bias, heads_major=cache is not None)
+        new_cross = None
+        if cross is None:  # heads-major like the cache, so decode steps read it in place
+            ck, cv = self.cross_attn.kv(enc_out)
+            cross = new_cross = {"k": jnp.swapaxes(ck, 1, 2), "v": jnp.swapaxes(cv, 1, 2)}
+        x = x + self.cross_attn(self.cross_attn_norm(x), cross["k"], cross["v"], cross_bias, heads_major=True)
         x = x + self.mlp(self.mlp_norm(x))
-        return _residual(x), new_cache
+        return (_residual(x), cache), new_cross
 
 
 class T5Encoder(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, embeds, mask):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         positions = jnp.arange(embeds.shape[1])
+        # HF keeps this table in block 0; every layer uses it, so it is computed once, out of the scan
         bias = RelativePositionBias(c, bidirectional=True, param_dtype=self.param_dtype,
                                     name="relative_attention_bias")(positions, positions)
         bias = bias + key_padding_bias(mask)
-        x = embeds.astype(self.dtype)
-        encoder_layer = nn.remat(T5EncoderLayer) if c.remat else T5EncoderLayer  # recompute in the backward pass
-        for i in range(c.num_layers):
-            x = encoder_layer(c, name=f"layers_{i}", **kw)(x, bias)
+        layers = stack(T5EncoderLayer, c.num_layers, in_axes=(nn.broadcast,), remat=self.remat)
+        x, _ = layers(c, name="layers", **kw)(embeds.astype(self.dtype), bias)
         return _norm(c, name="final_norm", **kw)(x)
 
 
@@ -197,64 +201,48 @@ class T5Decoder(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # HF keeps this table in block 0; every layer uses it, so it is computed once, out of the scan
         self.relative_attention_bias = RelativePositionBias(c, bidirectional=False, param_dtype=self.param_dtype)
-        layer = nn.remat(T5DecoderLayer) if c.remat else T5DecoderLayer  # recompute in the backward pass
-        self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_decoder_layers)]
+        in_axes = (0, 0) + (nn.broadcast,) * 4  # layer, cross | enc_out, self_bias, cross_bias, slot
+        self.layers = stack(T5DecoderLayer, c.num_decoder_layers, in_axes=in_axes, remat=self.remat)(c, **kw)
         self.final_norm = _norm(c, **kw)
 
-    def cross_kv(self, enc_out):
-        return tuple(layer.cross_kv(enc_out) for layer in self.layers)
-
-    def __call__(self, x, cross_kv, enc_mask, cache, cache_index):
+    def __call__(self, x, enc_mask, cache, slot, enc_out=None, cross=None):
+        """Returns (hidden after the final norm, new cache or None, cross K/V: `cross`, or the
+        stacked K/V computed from `enc_out` when `cross` is None)."""
         B, T = x.shape[:2]
         # key slot s holds decoder position s (without a cache the keys are the T queries themselves)
-        query_positions = cache_index + jnp.arange(T)
-        num_keys = T if cache is None else cache[0]["k"].shape[2]
+        query_positions = slot + jnp.arange(T)
+        num_keys = T if cache is None else kv_cache.num_slots(cache)
         self_bias = (self.relative_attention_bias(query_positions, jnp.arange(num_keys))
                      + causal_bias(jnp.broadcast_to(query_positions, (B, T)), jnp.ones((B, num_keys), bool)))
         cross_bias = key_padding_bias(enc_mask)
-        x = x.astype(self.dtype)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            k, v = cross_kv[i]
-            x, layer_cache = layer(x, self_bias, k, v, cross_bias, None if cache is None else cache[i], cache_index)
-            new_cache.append(layer_cache)
-        return self.final_norm(x), (None if cache is None else tuple(new_cache))
-
-
-class LMHead(nn.Module):
-    """Untied output projection, kernel (D, V); logits accumulated in float32."""
-    config: T5Config
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        kernel = logical_param(self, "kernel", init_normal(), (c.d_model, c.vocab_rows), ("embed", "vocab"),
-                               self.param_dtype)
-        return jnp.einsum("BTD,DV->BTV", x.astype(self.dtype), kernel.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        L = self.config.num_decoder_layers
+        (x, cache), new_cross = self.layers((x.astype(self.dtype), cache), jnp.arange(L), cross, enc_out,
+                                            self_bias, cross_bias, slot)
+        return self.final_norm(x), cache, (cross if cross is not None else new_cross)
 
 
 class T5Model(nn.Module):
-    """Flan-T5 LM. Methods (via `apply(..., method=T5Model.xxx)`): embed, encode, cross_kv, decode, __call__."""
+    """Flan-T5 LM implementing `jblip.language_model`'s contract; also `encode` and `decode`."""
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"  # named policy, see jblip.scan
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if jnp.dtype(self.dtype) == jnp.float16:
-            raise ValueError("T5 activations overflow float16 (ARCHITECTURE.md P3); use float32 or bfloat16")
+            raise ValueError("T5 activations overflow float16; use float32 or bfloat16")
         self.shared = Embed(c.vocab_rows, c.d_model, ("vocab", "embed"), **kw)
-        self.encoder = T5Encoder(c, **kw)
-        self.decoder = T5Decoder(c, **kw)
+        self.encoder = T5Encoder(c, remat=self.remat, **kw)
+        self.decoder = T5Decoder(c, remat=self.remat, **kw)
         if not c.tie_word_embeddings:
-            self.lm_head = LMHead(c, **kw)
+            self.lm_head = LMHead(c.d_model, c.vocab_rows, **kw)
 
     def embed(self, ids):
         """Token ids [B,T] -> shared embeddings [B,T,D] (T5 does not scale them)."""
@@ -270,45 +258,81 @@ class T5Model(nn.Module):
             raise ValueError(f"mask shape {mask.shape} does not match embeds {embeds.shape[:2]}")
         return self.encoder(embeds, mask)
 
-    def cross_kv(self, enc_out):
-        """Cross-attention (k, v), each [B,S,N,H], per decoder layer; computed once per generation."""
-        return self.decoder.cross_kv(enc_out)
+    def decode(self, decoder_ids, enc_mask, cache=None, slot=0, enc_out=None, cross=None):
+        """decoder_ids [B,T] at decoder positions slot + t, attending to the encoder output
+        (`enc_out`, or its cross-attention K/V `cross` from an earlier call).
 
-    def decode(self, decoder_ids, cross_kv, enc_mask, cache=None, cache_index=0):
-        """decoder_ids [B,T] at decoder positions cache_index + t -> (logits fp32 [B,T,V], new cache).
-
-        With `cache` (from `init_cache`), the new self-attention k/v are written at
-        slot `cache_index` and queries attend causally over the slots; without it,
-        a plain causal forward over the T ids (returns cache None).
+        Returns (hidden after the final norm [B,T,D], new cache, cross K/V). With `cache`
+        (from `init_cache`) the new self-attention k/v are written at slots slot..slot+T-1
+        and queries attend causally over the slots; without it, a plain causal forward.
         """
         c = self.config
         if decoder_ids.ndim != 2:
             raise ValueError(f"decoder_ids must be [B,T], got shape {decoder_ids.shape}")
-        if len(cross_kv) != c.num_decoder_layers:
-            raise ValueError(f"cross_kv has {len(cross_kv)} layers, the decoder has {c.num_decoder_layers}")
+        if (enc_out is None) == (cross is None):
+            raise ValueError("decode needs exactly one of enc_out and cross")
         if cache is not None:
-            if len(cache) != c.num_decoder_layers:
-                raise ValueError(f"cache has {len(cache)} layers, the decoder has {c.num_decoder_layers}")
-            max_len = cache[0]["k"].shape[2]
-            if isinstance(cache_index, int) and not 0 <= cache_index <= max_len - decoder_ids.shape[1]:
-                raise ValueError(f"cache_index {cache_index} + {decoder_ids.shape[1]} new tokens "
+            max_len = kv_cache.num_slots(cache)
+            if isinstance(slot, int) and not 0 <= slot <= max_len - decoder_ids.shape[1]:
+                raise ValueError(f"slot {slot} + {decoder_ids.shape[1]} new tokens "
                                  f"does not fit a cache of length {max_len}")
-        elif not (isinstance(cache_index, int) and cache_index == 0):
-            raise ValueError("cache_index is only meaningful with a cache; pass cache=None and cache_index=0")
-        x, new_cache = self.decoder(self.embed(decoder_ids), cross_kv, enc_mask, cache, cache_index)
-        return self.logits(x)[..., : c.vocab_size], new_cache  # drop rows padded for sharding
+        elif not (isinstance(slot, int) and slot == 0):
+            raise ValueError("slot is only meaningful with a cache; pass cache=None and slot=0")
+        return self.decoder(self.embed(decoder_ids), enc_mask, cache, slot, enc_out, cross)
 
-    def logits(self, x):
+    def head(self, hidden):
         c = self.config
         if not c.tie_word_embeddings:
-            return self.lm_head(x)
-        if c.rescales_output:  # original T5: rescale before the shared-embedding head
-            x = x * (c.d_model ** -0.5)
-        return jnp.einsum("BTD,VD->BTV", x.astype(self.dtype), self.shared.embedding.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+            logits = self.lm_head(hidden)
+        else:
+            if c.rescales_output:  # original T5: rescale before the shared-embedding head
+                hidden = hidden * (c.d_model ** -0.5)
+            logits = tied_logits(hidden, self.shared.embedding, self.dtype)
+        return logits[..., : c.vocab_size]  # drop rows padded for sharding
 
-    def __call__(self, embeds, mask, decoder_ids):
-        """Full forward (training, tests): logits fp32 [B,T,V]."""
-        enc_out = self.encode(embeds, mask)
-        logits, _ = self.decode(decoder_ids, self.cross_kv(enc_out), mask)
-        return logits
+    # ---------------------------------------------------------------- the language-model contract
+    def hidden(self, embeds, mask, decoder_ids=None):
+        if decoder_ids is None:
+            raise ValueError("Flan-T5 needs decoder_ids (start with decoder_start_token_id "
+                             f"{self.config.decoder_start_token_id})")
+        hidden, _, _ = self.decode(decoder_ids, mask, enc_out=self.encode(embeds, mask))
+        return hidden
+
+    def __call__(self, embeds, mask, decoder_ids=None, return_hidden: bool = False):
+        """Full forward (training, tests): decoder logits fp32 [B,T,V] (and the hidden states)."""
+        hidden = self.hidden(embeds, mask, decoder_ids)
+        logits = self.head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def forward_ids(self, ids, mask, decoder_ids=None):
+        return self(self.embed(ids), mask, decoder_ids)
+
+    def cache_length(self, prompt_len: int, max_new: int) -> int:
+        return max_new + 1  # the start token, then every generated token but the last
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        c = self.config
+        return kv_cache.init(c.num_decoder_layers, batch, c.num_heads, max_len, c.d_kv, dtype)
+
+    def _start_ids(self, batch: int):
+        return jnp.full((batch, 1), self.config.decoder_start_token_id, jnp.int32)
+
+    def prefill(self, embeds, mask, cache):
+        """Encoder once, then the start token through the decoder, which also computes the
+        cross-attention K/V kept in the state."""
+        B = mask.shape[0]
+        hidden, cache, cross = self.decode(self._start_ids(B), mask, cache, 0, enc_out=self.encode(embeds, mask))
+        key_mask = jnp.ones((B, kv_cache.num_slots(cache)), bool)  # causality alone limits the slots
+        state = LMState(cache, key_mask, jnp.ones((B,), jnp.int32), jnp.int32(1), cross, mask)
+        return self.head(hidden[:, -1]), state
+
+    def decode_step(self, tokens, state: LMState):
+        hidden, cache, _ = self.decoder(self.embed(tokens[:, None]), state.enc_mask, state.cache, state.slot,
+                                        cross=state.cross)
+        return self.head(hidden[:, 0]), state.replace(cache=cache, next_position=state.next_position + 1,
+                                                      slot=state.slot + 1)
+
+    def history(self, input_ids, attention_mask):
+        """The processors see the decoder's tokens: the start token so far."""
+        ids = self._start_ids(input_ids.shape[0])
+        return ids, jnp.ones(ids.shape, bool)

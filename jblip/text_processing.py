@@ -15,11 +15,12 @@ rebuilt rather than read from older files (`_llama_pipeline`).
 """
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 
 from tokenizers import Tokenizer, decoders, pre_tokenizers
+
+from jblip import bounded_json
 
 QFORMER_SUBDIR = "qformer_tokenizer"
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
@@ -29,7 +30,7 @@ def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        return bounded_json.load(f, path)
 
 
 def _token_text(value):

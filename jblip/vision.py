@@ -5,6 +5,9 @@ position table stored at the checkpoint's image size. Other input sizes
 (including non-square ones) resize the patch-grid part of the table with
 PyTorch's bicubic interpolation, as HF does with `interpolate_pos_encoding=True`.
 Input images are NHWC (JAX layout).
+
+The blocks are one scanned stack (`jblip.scan.stack`): params `layers/<block path>`
+with a leading [num_layers] axis, so compile time does not grow with depth.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 
 from jblip.config import VisionConfig
 from jblip.layers import Dtype, LayerNorm, Linear, activation, attention, init_normal, logical_param
+from jblip.scan import stack
 
 # --------------------------------------------------------------------------- bicubic (torch semantics)
 
@@ -104,6 +108,7 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
+    """One pre-LN block; `(x, None)` out, the (carry, per-layer output) pair a scan step returns."""
     config: VisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -116,7 +121,7 @@ class VisionBlock(nn.Module):
         x = x + VisionAttention(cfg, **kw, name="self_attn")(LayerNorm(**norm, name="layer_norm1")(x))
         x = x + VisionMLP(cfg, **kw, name="mlp")(LayerNorm(**norm, name="layer_norm2")(x))
         # block boundary: batch-split, width replicated (a no-op without jblip.sharding.activation_rules)
-        return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
 
 
 class VisionTransformer(nn.Module):
@@ -124,10 +129,12 @@ class VisionTransformer(nn.Module):
 
     P = (H // patch) * (W // patch); trailing pixels that do not fill a whole
     patch are ignored, as by the strided convolution of the PyTorch model.
+    `remat` names the recompute policy of the blocks (see `jblip.scan`).
     """
     config: VisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, pixel_values, return_pre_norm: bool = False):
@@ -135,8 +142,8 @@ class VisionTransformer(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = self._embed(pixel_values)
-        for i in range(cfg.num_layers):
-            x = VisionBlock(cfg, **kw, name=f"layers_{i}")(x)
+        blocks = stack(VisionBlock, cfg.num_layers, remat=self.remat)
+        x, _ = blocks(cfg, **kw, name="layers")(x)
         out = LayerNorm(eps=cfg.post_layernorm_eps, axis_name="vis_norm", **kw, name="post_layernorm")(x)
         return (out, x) if return_pre_norm else out
 

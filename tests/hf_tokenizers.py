@@ -37,7 +37,7 @@ def llama_tokenizer():
 
 
 def opt_tokenizer():
-    """GPT-2 byte-level BPE with OPT's ids (<s> 0, <pad> 1, </s> 2 = BOS), left padding (P6)."""
+    """GPT-2 byte-level BPE with OPT's ids (<s> 0, <pad> 1, </s> 2 = BOS), left padding as batched decoding needs."""
     from transformers import GPT2Tokenizer
     m = _train(models.BPE(), pre_tokenizers.ByteLevel(add_prefix_space=False),
                trainers.BpeTrainer(vocab_size=110, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],

@@ -42,11 +42,12 @@ def main(process_id: int, num_processes: int, port: int, checkpoint: str, spec: 
     model = jblip.load_pretrained(checkpoint, mesh=mesh)
     logits = model.forward(**inputs())
     gathered = multihost_utils.process_allgather(logits, tiled=True)
-    q = model.params["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    q = model.params["llm"]["layers"]["self_attn"]["q_proj"]["kernel"]  # stacked [L, D, N, H]
     np.savez(out, logits=np.asarray(gathered), global_devices=jax.device_count(),
              local_devices=jax.local_device_count(), q_spec=str(q.sharding.spec),
-             q_local_shards=len(q.addressable_shards), q_shard_shape=q.addressable_shards[0].data.shape,
-             q_rows=sorted({r for s in q.addressable_shards for r in range(72)[s.index[0]]}))
+             q_local_shards=len(q.addressable_shards), q_shard_shape=q.addressable_shards[0].data.shape[1:],
+             q_layers=q.addressable_shards[0].data.shape[0],
+             q_rows=sorted({r for s in q.addressable_shards for r in range(72)[s.index[1]]}))
     jax.distributed.shutdown()
 
 

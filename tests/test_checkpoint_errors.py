@@ -42,3 +42,16 @@ def test_unknown_family_is_refused(tmp_path):
 def test_unknown_config_field_is_refused():
     with pytest.raises(ConfigError, match="unknown config field.*'hiden_size'"):
         jblip.ModelConfig.from_dict({"vision": {"hiden_size": 3}})
+
+
+def test_non_finite_weights_are_warned_about(tmp_path):
+    from jblip.pretrained import NonFiniteWeightsWarning
+    tiny_instructblip(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["language_projection.bias"][3] = np.nan
+    tensors["language_model.model.norm.weight"][0] = np.inf
+    save_file(tensors, str(weights))
+    with pytest.warns(NonFiniteWeightsWarning, match=r"2 weight tensor\(s\) hold NaN or infinite values") as w:
+        jblip.load_pretrained(str(tmp_path))
+    assert "projection" in str(w[0].message) and "llm/norm/scale" in str(w[0].message)

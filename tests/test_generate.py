@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import jblip
-from jblip import cpu_dot
 from tests.hf_models import (IMAGE_TOKEN, NUM_QUERIES, TINY_T5, left_padded_prompts, right_padded_text,
                              tiny_blip2, tiny_instructblip)
 
@@ -29,16 +28,6 @@ def prompts(family, lengths, seed=0):
         return np.array(ids), np.array(mask)
     pad = 1 if family == "opt" else 0
     return left_padded_prompts(lengths, 128, pad_id=pad, bos_id=2, seed=seed, image_token=IMAGE_TOKEN)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slab_products():
-    """Decode steps of these tiny models take the slab-by-slab products that real-size kernels
-    take on one CPU core (jblip.cpu_dot), so that HF equality covers that path too."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_dot, "MIN_KERNEL_BYTES", 0)
-        patch.setattr(cpu_dot, "MAX_CORES", 1 << 20)
-        yield
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -130,7 +119,7 @@ def test_batch_invariance_and_single_compile_per_bucket(setup):
 
 
 def test_argmax_matches_jnp_argmax_with_ties_and_nans():
-    from jblip.sampling import argmax
+    from jblip.processors import argmax
     scores = np.array([[1.0, 3.0, 3.0, 0.0], [-np.inf] * 4, [0.0, np.nan, 5.0, np.nan], [2.0, 1.0, 0.0, 2.0]],
                       np.float32)
     np.testing.assert_array_equal(argmax(scores), np.argmax(scores, axis=-1))

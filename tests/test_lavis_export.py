@@ -329,12 +329,10 @@ def test_export_layout_of_released_checkpoints(name):
     """Export keys and shapes = the HF state dict's, less the tied copies save_pretrained leaves out."""
     from convert.export import export_layout, param_shapes
     from jblip.config import preset
-    from tests.test_full_size import KEY_LISTS, REFERENCE, read_keys
-    if not os.path.exists(os.path.join(REFERENCE, KEY_LISTS[name])):
-        pytest.skip("reference key lists not available")
+    from tests.test_full_size import hf_key_shapes
     config = preset(name)
     metas = {p: (shape, np.dtype(np.float32)) for p, shape in param_shapes(config).items()}
     exported = {key: shape for key, shape, *_ in export_layout(config, metas)}
-    reference = read_keys(KEY_LISTS[name])
+    reference = hf_key_shapes(name)
     tied = TIED_COPIES | ({"language_model.lm_head.weight"} if config.family == "opt" else set())
     assert exported == {k: s for k, s in reference.items() if k not in tied}

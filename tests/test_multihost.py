@@ -63,7 +63,8 @@ def test_two_processes_match_one(tmp_path):
         got = np.load(out)
         assert (int(got["global_devices"]), int(got["local_devices"])) == (8, 4)
         # q_proj (72, 6, 12) split over fsdp x tensor: a process holds 4 of the 8 shards, i.e. half its rows
-        assert str(got["q_spec"]) == "P('fsdp', 'tensor', None)"
+        assert str(got["q_spec"]) == "P(None, 'fsdp', 'tensor', None)"  # the stacked layers axis is whole
+        assert int(got["q_layers"]) == 1
         assert int(got["q_local_shards"]) == 4 and tuple(got["q_shard_shape"]) == (18, 3, 12)
         assert list(got["q_rows"]) == list(range(36 * i, 36 * (i + 1)))
         delta = max_diff(got["logits"], reference)

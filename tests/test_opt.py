@@ -9,10 +9,11 @@ import pytest
 import torch
 import transformers
 
+from convert import stacking
 from convert.rules import ConversionError, DictSource, convert_params, flatten, plan
 from convert.tables.opt import RULES
 from jblip.config import PRESETS, from_hf_config
-from jblip.opt import OPTModel, init_cache
+from jblip.opt import OPTModel
 
 HF_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "hf_keys"
 
@@ -33,10 +34,11 @@ def hf_opt(word_embed_proj_dim=40, pre_ln=True, seed=0):
 
 def to_jax(hf_model, **batch_shape):
     """jblip config (through from_hf_config), module and converted params of a HF OPT model."""
-    text = from_hf_config({"model_type": "blip-2", "text_config": hf_model.config.to_dict()}).text
+    text = from_hf_config({"model_type": "blip-2", "vision_config": {}, "qformer_config": {},
+                           "text_config": hf_model.config.to_dict()}).text
     module = OPTModel(text)
     abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 2, text.word_embed_proj_dim)),
-                                       jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool))["params"])
+                                       jnp.ones((1, 2), jnp.int32))["params"])
     state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
     return text, module, convert_params(DictSource(state), RULES, abstract)
 
@@ -57,6 +59,14 @@ def multimodal_batch(embed_fn, width, num_queries=4, lengths=(7, 4, 2), extra=0,
     return embeds, mask
 
 
+def logits_at(module, params, embeds, positions, key_mask, cache=None, slot=0):
+    """(fp32 logits, cache) at explicit positions (HF's pads: -1), through the contract's decode + head."""
+    def run(m, e, p, k, c, i):
+        hidden, cache = m.decode(e, p, k, c, i)
+        return m.head(hidden), cache
+    return module.apply({"params": params}, embeds, positions, key_mask, cache, slot, method=run)
+
+
 def hf_positions(mask):
     """What HF OPT derives from the attention mask: cumsum(mask)*mask - 1 (pads -> -1)."""
     return (np.cumsum(mask, axis=1) * mask - 1).astype(np.int32)
@@ -68,8 +78,8 @@ def test_logits_match_hf(word_embed_proj_dim, pre_ln):
     text, module, params = to_jax(hf)
     embed = lambda ids: module.apply({"params": params}, jnp.asarray(ids), method=OPTModel.embed)
     embeds, mask = multimodal_batch(embed, text.word_embed_proj_dim)
-    logits, cache = module.apply({"params": params}, jnp.asarray(embeds), jnp.asarray(hf_positions(mask)),
-                                 jnp.asarray(mask, bool))
+    logits, cache = logits_at(module, params, jnp.asarray(embeds), jnp.asarray(hf_positions(mask)),
+                              jnp.asarray(mask, bool))
     with torch.no_grad():
         ref = hf(inputs_embeds=torch.from_numpy(embeds), attention_mask=torch.from_numpy(mask)).logits.numpy()
     valid = mask.astype(bool)
@@ -85,8 +95,7 @@ def test_embed_matches_hf_input_ids():
     text, module, params = to_jax(hf)
     ids = np.array([[2, 17, 99, 5], [1, 1, 2, 40]])
     mask = (ids != 1).astype(np.int32)
-    logits, _ = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(hf_positions(mask)),
-                             jnp.asarray(mask, bool), method=OPTModel.forward_ids)
+    logits = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), method=OPTModel.forward_ids)
     with torch.no_grad():
         ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     delta = np.abs(np.asarray(logits) - ref)[mask.astype(bool)].max()
@@ -101,12 +110,12 @@ def test_cached_decoding_matches_full_forward():
     steps = 4
     embeds, mask = multimodal_batch(embed, text.word_embed_proj_dim, extra=steps)
     positions, key_mask = jnp.asarray(hf_positions(mask)), jnp.asarray(mask, bool)
-    full, _ = module.apply({"params": params}, jnp.asarray(embeds), positions, key_mask)
+    full, _ = logits_at(module, params, jnp.asarray(embeds), positions, key_mask)
 
-    run = jax.jit(lambda e, p, c, i: module.apply({"params": params}, e, p, key_mask, c, i))
+    run = jax.jit(lambda e, p, c, i: logits_at(module, params, e, p, key_mask, c, i))
     B, S = mask.shape
     prefill = S - steps
-    cache = init_cache(text, B, S)
+    cache = module.init_cache(B, S)
     logits, cache = run(embeds[:, :prefill], positions[:, :prefill], cache, 0)
     got = [logits]
     for t in range(prefill, S):  # one token per step; the jitted step is reused (traced cache_index)
@@ -116,7 +125,7 @@ def test_cached_decoding_matches_full_forward():
     delta = np.abs(got - np.asarray(full))[mask.astype(bool)].max()
     print(f"OPT cached vs full forward: max |Δ| = {delta:.2e}")
     assert run._cache_size() == 2  # prefill shape + one decode shape
-    assert len(cache) == text.num_layers and cache[0]["k"].shape == (B, text.num_heads, S, text.head_dim)
+    assert cache["k"].shape == (text.num_layers, B, text.num_heads, S, text.head_dim)  # one stacked array
     assert delta <= 1e-5
 
 
@@ -125,12 +134,13 @@ def test_bad_inputs_raise():
     tiny = OPTModel(type(text)(vocab_size=11, hidden_size=8, ffn_dim=12, num_layers=1, num_heads=2,
                                max_position_embeddings=16, word_embed_proj_dim=8))
     e, p, m = jnp.zeros((1, 3, 8)), jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool)
+    init = lambda *args: jax.eval_shape(lambda: tiny.init(jax.random.key(0), *args, method=OPTModel.decode))
     with pytest.raises(ValueError, match="word_embed_proj_dim"):
-        jax.eval_shape(tiny.init, jax.random.key(0), jnp.zeros((1, 3, 6)), p, m)
+        init(jnp.zeros((1, 3, 6)), p, m)
     with pytest.raises(ValueError, match="key_mask"):
-        jax.eval_shape(tiny.init, jax.random.key(0), e, p, jnp.ones((1, 5), bool))
+        init(e, p, jnp.ones((1, 5), bool))
     with pytest.raises(ValueError, match="positions"):
-        jax.eval_shape(tiny.init, jax.random.key(0), e, p[:, :2], m)
+        init(e, p[:, :2], m)
 
 
 def test_conversion_reports_missing_and_unexpected_keys():
@@ -142,7 +152,7 @@ def test_conversion_reports_missing_and_unexpected_keys():
     state["model.decoder.layers.0.self_attn.rotary.weight"] = np.zeros(3)
     with pytest.raises(ConversionError) as err:
         convert_params(DictSource(state), RULES, abstract)
-    assert "layers_1/mlp/fc2/bias" in str(err.value) and "rotary" in str(err.value)
+    assert "layers_1/mlp/fc2/bias" in str(err.value) and "rotary" in str(err.value)  # per-layer names
     # lm_head is only a tied copy: a file without it converts to the same params
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     again = convert_params(DictSource(state), RULES, abstract)
@@ -152,7 +162,7 @@ def test_conversion_reports_missing_and_unexpected_keys():
 def abstract_params(text):
     module = OPTModel(text, param_dtype=jnp.bfloat16)
     return nn.unbox(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1, text.word_embed_proj_dim)),
-                                   jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))["params"])
+                                   jnp.ones((1, 1), jnp.int32))["params"])
 
 
 @pytest.mark.parametrize("name,count", [("blip2-opt-2.7b", 2_651_596_800), ("blip2-opt-6.7b", 6_658_473_984)])
@@ -173,7 +183,7 @@ def test_table_fits_released_hf_keys():
             shapes[key[len("language_model."):]] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
     targets = flatten(abstract_params(PRESETS["blip2-opt-2.7b"].text))
     assignment = plan(shapes, RULES, targets)  # raises on any missing/unexpected/mis-shaped key
-    assert set(assignment) == set(targets)
+    assert set(assignment) == set(stacking.per_layer_specs(targets))
 
 
 def test_bfloat16_runs_close_to_float32():
@@ -182,9 +192,9 @@ def test_bfloat16_runs_close_to_float32():
     embed = lambda ids: module.apply({"params": params}, jnp.asarray(ids), method=OPTModel.embed)
     embeds, mask = multimodal_batch(embed, text.word_embed_proj_dim)
     args = (jnp.asarray(embeds), jnp.asarray(hf_positions(mask)), jnp.asarray(mask, bool))
-    full, _ = module.apply({"params": params}, *args)
+    full, _ = logits_at(module, params, *args)
     bf16 = OPTModel(text, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    half, _ = bf16.apply({"params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)}, *args)
+    half, _ = logits_at(bf16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), *args)
     valid = mask.astype(bool)
     delta = np.abs(np.asarray(half) - np.asarray(full))[valid].max()
     print(f"OPT bf16 vs fp32: max |Δ| = {delta:.2e}")

@@ -97,12 +97,13 @@ EXPECTED_SHARDS = {
 
 
 def _key_params(name, params):
+    """A stacked q kernel [L, ...] (the layer scan's params) and the token embedding."""
     llm = params["llm"]
     if name == "vicuna":
-        return llm["layers_0"]["self_attn"]["q_proj"]["kernel"], llm["embed_tokens"]["embedding"]
+        return llm["layers"]["self_attn"]["q_proj"]["kernel"], llm["embed_tokens"]["embedding"]
     if name == "opt":
-        return llm["layers_0"]["self_attn"]["q_proj"]["kernel"], llm["embed_tokens"]["embedding"]
-    return llm["encoder"]["layers_0"]["self_attn"]["q"]["kernel"], llm["shared"]["embedding"]
+        return llm["layers"]["self_attn"]["q_proj"]["kernel"], llm["embed_tokens"]["embedding"]
+    return llm["encoder"]["layers"]["self_attn"]["q"]["kernel"], llm["shared"]["embedding"]
 
 
 @pytest.mark.parametrize("spec", MESHES)
@@ -118,7 +119,8 @@ def test_sharded_model_matches_single_device(family, spec):
     # params are split as the table says, and live on all 8 devices
     q, embed = _key_params(family["name"], model.params)
     want = EXPECTED_SHARDS[family["name"], spec]
-    assert (_shard_shape(q), _shard_shape(embed)) == (want["q"], want["embed"])
+    assert _shard_shape(q)[0] == q.shape[0]  # the stacked layers axis is never split
+    assert (_shard_shape(q)[1:], _shard_shape(embed)) == (want["q"], want["embed"])
     assert q.sharding.mesh == mesh and len(q.sharding.device_set) == 8
     if spec == "fsdp=8":  # nearly every weight is split 8 ways (norm scales, biases of odd widths are not)
         held = sum(int(np.prod(_shard_shape(x))) for x in jax.tree_util.tree_leaves(model.params))
@@ -177,7 +179,7 @@ def test_spec_rules():
     assert spec((40, 40), ("qf_embed", "qf_mlp"), mesh, rules) == P(None, None)
     with pytest.raises(ValueError, match="unknown logical axis"):
         sharding.override_rules(qformer=None)
-    assert sharding.spec_for((2, 32, 7, 128), sharding.CACHE_AXES, mesh) == P("data", "tensor", None, None)
+    assert sharding.spec_for((3, 2, 32, 7, 128), sharding.CACHE_AXES, mesh) == P(None, "data", "tensor", None, None)
 
 
 @pytest.mark.parametrize("name", ["instructblip-vicuna-13b", "blip2-opt-2.7b", "instructblip-flan-t5-xl"])
@@ -214,17 +216,26 @@ def test_pad_vocab():
 
 
 def test_kv_cache_is_pinned_to_its_sharding():
-    """Cache leaves [B, N, S, H] come out split batch over data x fsdp and heads over tensor, as
-    the decode loop keeps them (kv_cache pins every write; without rules it is a no-op)."""
+    """Stacked cache leaves [L, B, N, S, H] come out split batch over data x fsdp and heads over
+    tensor (layers never), as the decode loop keeps them (kv_cache pins every write and every
+    layer's read; without rules it is a no-op)."""
     from jblip import kv_cache
     mesh = sharding.make_mesh(GENERATE_ON)
 
     def step(k):
-        cache = kv_cache.init(1, batch=4, heads=6, max_len=8, head_dim=3)
-        return kv_cache.write(cache[0], k, k, 2)["k"]
+        cache = kv_cache.init(2, batch=4, heads=6, max_len=8, head_dim=3)
+        return kv_cache.write_layer(cache, 1, k, k, 2)["k"]
+
+    def read(k):
+        cache = kv_cache.write_layer(kv_cache.init(2, batch=4, heads=6, max_len=8, head_dim=3), 1, k, k, 2)
+        return kv_cache.read_layer(cache, 1)[0]
 
     k = jnp.ones((4, 1, 6, 3))
     with sharding.activation_rules(mesh):
         out = jax.jit(step)(k)
-    assert out.sharding.spec == P(("data", "fsdp"), "tensor")
+        layer = jax.jit(read)(k)
+    assert out.sharding.spec == P(None, ("data", "fsdp"), "tensor")
+    assert layer.sharding.spec == P(("data", "fsdp"), "tensor")
+    np.testing.assert_array_equal(np.asarray(out)[1, :, :, 2], 1.0)  # layer 1, slot 2 written
+    assert float(np.abs(np.asarray(out)[0]).max()) == 0.0           # layer 0 untouched
     assert jax.jit(step)(k).sharding.is_fully_replicated  # no rules: left to XLA (one device here)

@@ -76,3 +76,11 @@ def test_a_missing_layer_is_reported_by_its_per_layer_name():
     del ckpt["h.1.fc.weight"]
     with pytest.raises(ConversionError, match=r"llm/layers_1/fc/kernel \(4, 5\)"):
         plan({k: v.shape for k, v in ckpt.items()}, RULES, flatten(abstract()))
+
+
+def test_a_mis_shaped_tensor_names_the_shape_the_checkpoint_should_have():
+    ckpt = checkpoint()
+    ckpt["h.0.fc.weight"] = ckpt["h.0.fc.weight"].T  # the kernel's own layout, not torch's (out, in)
+    with pytest.raises(ConversionError, match=r"h\.0\.fc\.weight: checkpoint \(4, 5\), but "
+                                              r"llm/layers_0/fc/kernel \(4, 5\) needs \(5, 4\)"):
+        plan({k: v.shape for k, v in ckpt.items()}, RULES, flatten(abstract()))

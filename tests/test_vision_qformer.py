@@ -14,6 +14,7 @@ from transformers.models.instructblip.modeling_instructblip import InstructBlipQ
 
 from convert.fuse import FuseQVBias
 from convert.rules import DictSource, Rule, convert_params, flatten, plan
+from convert.stacking import per_layer_specs
 from convert.tables import qformer as qformer_table
 from convert.tables import vision as vision_table
 from jblip.config import TINY_QFORMER, TINY_VISION, QFormerConfig, VisionConfig
@@ -206,7 +207,10 @@ def test_instruct_qformer_without_text_matches_hf():
 def test_blip2_qformer_matches_hf():
     cfg = replace(QFORMER_3, use_text_input=False)
     hf, queries, model, params = qformer_pair(cfg, seed=7)
-    assert "embeddings" not in params and "text_ffn" not in params["layers_0"]
+    # layers 0-1 are one scanned group, layer 2 (the last) stands alone
+    assert "embeddings" not in params
+    assert all("text_ffn" not in layer for layer in (params["layers"]["layer_0"], params["layers"]["layer_1"],
+                                                      params["layers_2"]))
     image = np.random.default_rng(8).standard_normal((2, 13, cfg.encoder_hidden_size)).astype(np.float32)
     with torch.no_grad():
         want = hf(query_embeds=queries.expand(2, -1, -1), encoder_hidden_states=torch.from_numpy(image),
@@ -236,7 +240,7 @@ def test_full_vision_param_count_and_table(image_size, want):
     # every HF key lands on a param of the right shape, and every param is filled
     assignment = plan(meta_state_shapes(InstructBlipVisionModel, hf_vision_config(cfg)),
                       vision_table.RULES, flatten(abstract))
-    assert len(assignment) == len(flatten(abstract))
+    assert len(assignment) == len(per_layer_specs(flatten(abstract)))  # the stack counts once per layer
 
 
 @pytest.mark.parametrize("use_text,want", [(True, 185_660_160), (False, 105_137_664)])

@@ -7,7 +7,6 @@ it is read (`convert_params` with a `place` callback, as `load_pretrained`).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -74,7 +73,7 @@ def load_params(cfg: TrainConfig, mesh, rules=None):
         if mesh is not None:
             config = sharding.pad_vocab(config, mesh, rules)
             params = _place_all(params, config, mesh, rules)
-        return _with_remat(config, cfg.remat), params
+        return config, params
     return _load_checkpoint(cfg, mesh, rules, precision)
 
 
@@ -85,10 +84,6 @@ def _place_all(params, config: ModelConfig, mesh, rules):
     shapes = flatten(abstract_params(config))
     return unflatten({p: sharding.place(np.asarray(x), targets[p], shapes[p].shape)
                       for p, x in flatten(params).items()})
-
-
-def _with_remat(config: ModelConfig, remat: bool) -> ModelConfig:
-    return dataclasses.replace(config, text=dataclasses.replace(config.text, remat=bool(remat)))
 
 
 def _load_checkpoint(cfg: TrainConfig, mesh, rules, precision):
@@ -108,7 +103,7 @@ def _load_checkpoint(cfg: TrainConfig, mesh, rules, precision):
             shapes = flatten(abstract_params(config))
             place = lambda p, x: sharding.place(x, targets[p], shapes[p].shape)
         params = convert_params(FuseQVBias(source), hf_rules(config), checkpoint_shapes, place=place)
-    return _with_remat(config, cfg.remat), params
+    return config, params
 
 
 def model_dir(cfg: TrainConfig) -> str | None:

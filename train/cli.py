@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 
 from jblip.config import PRESETS
@@ -43,34 +44,49 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def _parse_value(text: str):
+    """A `--set` value as YAML (JSON without PyYAML); text that does not parse stays a string, so
+    the option's own check names it."""
     try:
         import yaml
-        return yaml.safe_load(text)
     except ImportError:
         try:
             return json.loads(text)
-        except json.JSONDecodeError:
+        except ValueError:
             return text
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError):
+        return text
+
+
+def _optim(d: dict) -> dict:
+    optim = d.setdefault("optim", {})
+    if not isinstance(optim, dict):
+        raise ValueError(f"optim must be a mapping of optimizer options, got {optim!r}")
+    return optim
 
 
 def build_config(args) -> dict:
     d = recipe(args.recipe) if args.recipe else {}
     if args.config:
         file = read_config_file(args.config)
-        d = {**d, **file, "optim": {**d.get("optim", {}), **file.get("optim", {})}}
+        merged = {**d, **file}
+        if isinstance(file.get("optim", {}), dict):  # anything else is refused by TrainConfig, naming it
+            merged["optim"] = {**d.get("optim", {}), **file.get("optim", {})}
+        d = merged
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
         if key.startswith("optim."):
-            d.setdefault("optim", {})[key[len("optim."):]] = _parse_value(value)
+            _optim(d)[key[len("optim."):]] = _parse_value(value)
         else:
             d[key.replace("-", "_")] = _parse_value(value)
     flags = dict(model=args.model, train_data=args.train_data, eval_data=args.eval_data, trainable=args.trainable,
                  steps=args.steps, batch_size=args.batch_size, mesh=args.mesh, precision=args.precision)
     d.update({k: v for k, v in flags.items() if v is not None})
     if args.steps is not None and not any(item.startswith("optim.total_steps=") for item in args.set):
-        d.setdefault("optim", {})["total_steps"] = args.steps  # the schedule follows --steps
+        _optim(d)["total_steps"] = args.steps  # the schedule follows --steps
     if args.no_progress:
         d["progress"] = False
     if args.output:
@@ -83,26 +99,61 @@ def build_config(args) -> dict:
     return d
 
 
+def _write_once(target: str, what: str, write, last_file: str) -> None:
+    """Run `write(folder)` into `<target>.partial`, then rename it to `target`: a run killed while
+    writing leaves no `target`, so the rerun writes it again instead of reading half of it.
+    (`last_file`, written last, tells a complete folder from one an older jblip left half-written.)"""
+    if os.path.isfile(os.path.join(target, last_file)):
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    partial = target + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"jblip train: writing {what} to {target}", file=sys.stderr)
+    write(partial)
+    os.replace(partial, target)
+
+
+def _demo_inputs(d: dict, output: str) -> None:
+    """The demo recipe's generated data and stage-1 model (each written once, atomically) and
+    its default checkpoint folder, so an interrupted demo run resumes."""
+    from train.synthetic import DEMO_DATA, make_dataset
+    base = os.path.abspath(output)
+    data_dir = os.path.join(base, "data")
+    _write_once(data_dir, "the synthetic shapes dataset", lambda folder: make_dataset(folder, **DEMO_DATA),
+                os.path.join("tokenizer", "tokenizer.json"))
+    d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
+             tokenizer=os.path.join(data_dir, "tokenizer"))
+    d.setdefault("checkpoint_dir", os.path.join(base, "checkpoints"))
+    if d.get("model") in PRESETS:  # stage 1: the ViT alone (train/vision_pretrain.py), then everything
+        from train.vision_pretrain import initial_model
+        start = os.path.join(data_dir, "initial_model")
+        log = lambda line: print(f"jblip train: {line}", file=sys.stderr)  # noqa: E731
+        _write_once(start, "the stage-1 model (pretrained ViT)",
+                    lambda folder: initial_model(PRESETS[d["model"]], folder, d.get("init_seed", 0),
+                                                 d.get("init_std", 0.1), log), "tokenizer.json")
+        d["model"] = start
+
+
 def run(args) -> int:
     d = build_config(args)
     if args.recipe == "demo" and not d.get("train_data"):
-        from train.synthetic import DEMO_DATA, make_dataset
-        data_dir = os.path.join(os.path.abspath(args.output or "jblip-demo"), "data")
-        if not os.path.isfile(os.path.join(data_dir, "train.jsonl")):
-            print(f"jblip train: writing the synthetic shapes dataset to {data_dir}", file=sys.stderr)
-            make_dataset(data_dir, **DEMO_DATA)
-        d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
-                 tokenizer=os.path.join(data_dir, "tokenizer"))
-        if d.get("model") in PRESETS:  # stage 1: the ViT alone (train/vision_pretrain.py), then everything
-            from train.vision_pretrain import initial_model
-            start = os.path.join(data_dir, "initial_model")
-            if not os.path.isfile(os.path.join(start, "config.json")):
-                log = lambda line: print(f"jblip train: {line}", file=sys.stderr)
-                initial_model(PRESETS[d["model"]], start, d.get("init_seed", 0), d.get("init_std", 0.1), log)
-            d["model"] = start
+        _demo_inputs(d, args.output or "jblip-demo")
     cfg = TrainConfig.from_dict(d)
-    from train.loop import train
-    result = train(cfg)
+    if not cfg.checkpoint_dir or not cfg.checkpoint_every:
+        print("jblip train: note: " + ("no checkpoint_dir (or --output): an interrupted run starts over"
+                                       if not cfg.checkpoint_dir else
+                                       "checkpoint_every is 0: only the end of the run is checkpointed"),
+              file=sys.stderr)
+    from train import loop
+    from train.checkpoint import CheckpointSaveError
+    try:
+        result = loop.train(cfg)
+    except CheckpointSaveError as e:
+        # orbax's background save threads can wait minutes for a step that will never come, and
+        # the interpreter waits for them at exit: report and leave now (logs are flushed already)
+        print(f"jblip train: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
     summary = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) and k != "event"}
     print(json.dumps(summary))
     return 0

@@ -22,7 +22,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from jblip import bounded_json
+from jblip.scan import check_remat
+
+from train import option_checks as check
 from train.optim import OptimConfig
+
+# integer options and their least allowed value
+_INTEGERS = dict(batch_size=1, steps=1, seed=0, init_seed=0, max_input_len=1, max_output_len=1, max_qformer_len=1,
+                 eval_every=0, eval_batch_size=1, max_new_tokens=1, checkpoint_every=0, keep_checkpoints=1,
+                 log_every=1)
+_PATHS = ("eval_data", "image_root", "tokenizer", "qformer_tokenizer", "checkpoint_dir", "log_file", "export_dir")
 
 
 @dataclass
@@ -35,7 +45,8 @@ class TrainConfig:
     qformer_tokenizer: str | None = None  # default: <tokenizer>/qformer_tokenizer, else the LM tokenizer
     trainable: Any = "qformer"
     precision: str = "float32"            # "float32" or "bfloat16" (ViT + LM compute; Q-Former fp32)
-    remat: bool = False                   # recompute LM blocks in the backward pass (less memory)
+    remat: str = "none"                   # recompute policy of the layer stacks (jblip.scan): none | full |
+                                          # dots_saveable | minimal; old booleans: true = full, false = none
     mesh: str = "fsdp=-1"
     batch_size: int = 8
     steps: int = 1000
@@ -60,17 +71,34 @@ class TrainConfig:
     log_every: int = 1
     export_dir: str | None = None
     progress: bool = True
+    skip_nonfinite_steps: bool = False    # True: a step with a NaN/inf loss or gradient changes nothing;
+    #                                       False: such a step stops the run before anything is written
 
     def __post_init__(self):
         if isinstance(self.optim, dict):
             self.optim = OptimConfig.from_dict(self.optim)
+        elif not isinstance(self.optim, OptimConfig):
+            raise ValueError(f"optim must be a mapping of optimizer options, got {self.optim!r}")
+        for name, minimum in _INTEGERS.items():
+            check.integer(name, getattr(self, name), minimum, check.MAX_SEED if "seed" in name else None)
+        for name in ("image_size", "eval_max_examples"):
+            check.integer(name, getattr(self, name), 1, optional=True)
+        for name in ("augment", "eval_at_start", "progress", "skip_nonfinite_steps"):
+            check.flag(name, getattr(self, name))
+        if isinstance(self.remat, bool):  # configs written before remat had named policies
+            self.remat = "full" if self.remat else "none"
+        check_remat(self.remat)
+        for name in ("model", "train_data", "mesh"):
+            check.text(name, getattr(self, name))
+        for name in _PATHS:
+            check.text(name, getattr(self, name), optional=True)
+        check.number("init_std", self.init_std, positive=True)
         if self.precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
-        for name in ("batch_size", "steps", "eval_batch_size", "log_every", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be positive, got {self.init_std}")
+        if not (isinstance(self.trainable, str) or (isinstance(self.trainable, list) and self.trainable
+                                                    and all(isinstance(p, str) for p in self.trainable))):
+            raise ValueError(f"trainable must be a set name (qformer, qformer+llm, all) or a list of param "
+                             f"path prefixes, got {self.trainable!r}")
 
     def check(self):
         """Errors for a job that cannot start (called before anything heavy happens)."""
@@ -85,6 +113,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"training options must be a mapping, got {d!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -110,14 +140,19 @@ def read_config_file(path: str) -> dict:
             import yaml
         except ImportError:
             raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use JSON") from None
-        d = yaml.safe_load(text) or {}
+        try:
+            d = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     else:
-        d = json.loads(text)
+        try:
+            d = bounded_json.loads(text, path)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping of options at the top level")
     base = os.path.dirname(os.path.abspath(path))
-    for key in ("train_data", "eval_data", "image_root", "tokenizer", "qformer_tokenizer", "checkpoint_dir",
-                "log_file", "export_dir"):
+    for key in ("train_data", *_PATHS):
         if isinstance(d.get(key), str) and not os.path.isabs(d[key]):
             d[key] = os.path.join(base, d[key])
     if isinstance(d.get("model"), str) and d["model"].startswith(("./", "../")):
@@ -125,7 +160,7 @@ def read_config_file(path: str) -> dict:
     return d
 
 
-# LAVIS InstructBLIP (ARCHITECTURE.md §7.1): Q-Former + query tokens + ln_vision + projection
+# LAVIS InstructBLIP instruction tuning: Q-Former + query tokens + ln_vision + projection
 # trained, AdamW(0.9, 0.999) wd 0.05, warm-up 1000 updates from 1e-8 to 1e-5, cosine to 0 over
 # 60K updates, global batch 128 (7B; 192 for 3B, 64 for 11-13B). batch_size x accumulate = 128.
 RECIPES: dict[str, dict] = {
@@ -142,7 +177,7 @@ RECIPES: dict[str, dict] = {
         model="demo-instructblip-vicuna", trainable="all", steps=1500, batch_size=64, mesh="data=1",
         init_std=0.1, optim=dict(lr=1e-3, warmup_lr=0.0, warmup_steps=50, total_steps=1500, weight_decay=0.05),
         max_input_len=16, max_output_len=4, max_qformer_len=16, eval_every=500, eval_at_start=True,
-        eval_batch_size=100, max_new_tokens=3, augment=False),
+        eval_batch_size=100, max_new_tokens=3, augment=False, checkpoint_every=100),
 }
 
 

@@ -15,14 +15,15 @@ h of H reads its contiguous G/H slice of it.
 """
 from __future__ import annotations
 
-import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from jblip import bounded_json
 from train import images
 from train.labels import TextLayout, collate, encode_example, encode_prompt
 from train.loss import IGNORE
@@ -35,25 +36,54 @@ class DataError(ValueError):
     pass
 
 
+MAX_LISTED = 10  # bad lines named in one error
+
+
+def _problem(rec, root: str) -> str | None:
+    """What is wrong with one parsed record, or None."""
+    if not isinstance(rec, dict):
+        return "a record must be a JSON object"
+    image = rec.get("image")
+    if not isinstance(image, str) or not image:
+        return f"\"image\" must be a path string, got {image!r}"
+    if all(k in rec for k in ID_KEYS):
+        for key in (*ID_KEYS, "qformer_ids"):
+            ids = rec.get(key, [])
+            if not (isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids)):
+                return f"\"{key}\" must be a list of token ids (non-negative integers)"
+    elif all(k in rec for k in TEXT_KEYS):
+        for key in TEXT_KEYS:
+            if not isinstance(rec[key], str):
+                return f"\"{key}\" must be a string, got {rec[key]!r}"
+    else:
+        return "a record needs \"text_input\" and \"text_output\" (or token ids \"input_ids\" and \"output_ids\")"
+    if not os.path.isfile(os.path.join(root, image)):
+        return f"image file not found: {os.path.join(root, image)}"
+    return None
+
+
 def read_jsonl(path: str, image_root: str | None = None) -> list[dict]:
-    """Records with absolute image paths; errors name the file and line."""
+    """Records with absolute image paths, every one checked before training starts (types, image
+    files present): one DataError names the file and lists the bad lines."""
     root = image_root or os.path.dirname(os.path.abspath(path))
-    records = []
-    with open(path) as f:
+    records, problems = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict) or "image" not in rec:
-                raise DataError(f"{path}:{line_no}: a record needs an \"image\" path")
-            if not (all(k in rec for k in TEXT_KEYS) or all(k in rec for k in ID_KEYS)):
-                raise DataError(f"{path}:{line_no}: a record needs \"text_input\" and \"text_output\" "
-                                "(or token ids \"input_ids\" and \"output_ids\")")
-            rec = dict(rec, image=os.path.join(root, rec["image"]))
-            records.append(rec)
+                rec = bounded_json.loads(line, "the record")
+            except ValueError as e:
+                problems.append(f"line {line_no}: not valid JSON ({e})")
+                continue
+            problem = _problem(rec, root)
+            if problem:
+                problems.append(f"line {line_no}: {problem}")
+                continue
+            records.append(dict(rec, image=os.path.join(root, rec["image"])))
+    if problems:
+        more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise DataError(f"{path}: {len(problems)} bad record(s): " + "; ".join(problems[:MAX_LISTED]) + more)
     if not records:
         raise DataError(f"{path}: no records")
     return records
@@ -134,6 +164,11 @@ class BatchStream:
     host's slice of the next global batch as numpy arrays (pixel_values NHWC
     float32 plus the `collate` keys) and advances the position by the global
     batch size.
+
+    An image that fails to decode is skipped: its example is replaced by the
+    next record (in file order) whose image decodes, so every batch stays full
+    and a resumed run replaces it the same way. `skipped_images` counts the
+    distinct unreadable images met so far; each is reported once on stderr.
     """
 
     def __init__(self, records: list[dict], encoder: Encoder, global_batch: int, image_size: int,
@@ -151,6 +186,7 @@ class BatchStream:
         self.image_size, self.seed, self.position = image_size, seed, position
         self.train, self.shuffle, self.lengths = train, shuffle, lengths
         self.load_image = load_image
+        self.unreadable: set[int] = set()  # record indices whose image failed to decode
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
         self._perm_cache: dict[int, np.ndarray] = {}
 
@@ -162,6 +198,26 @@ class BatchStream:
         if epoch not in self._perm_cache:
             self._perm_cache = {epoch: permutation(n, self.seed, epoch)}
         return int(self._perm_cache[epoch][offset])
+
+    @property
+    def skipped_images(self) -> int:
+        return len(self.unreadable)
+
+    def _example(self, k: int, first: int) -> tuple[dict, np.ndarray]:
+        """(record, pixels) of stream index k (record `first`), moving past records whose image
+        does not decode."""
+        n = len(self.records)
+        for i in (first + j for j in range(n)):
+            rec = self.records[i % n]
+            if i % n in self.unreadable:
+                continue
+            try:
+                return rec, self._pixels(k, rec)
+            except (OSError, ValueError) as e:  # ImageError is a ValueError
+                self.unreadable.add(i % n)
+                print(f"train: skipped an unreadable training image ({e}); "
+                      f"{len(self.unreadable)} skipped so far", file=sys.stderr)
+        raise DataError("no training image can be read")
 
     def _pixels(self, k: int, rec: dict) -> np.ndarray:
         img = self.load_image(rec["image"])
@@ -175,9 +231,9 @@ class BatchStream:
 
     def batch_at(self, position: int) -> dict[str, np.ndarray]:
         ks = list(self.local_indices(position))
-        recs = [self.records[self.record_index(k)] for k in ks]
         run = self._pool.map if self._pool else map
-        pixels = list(run(self._pixels, ks, recs))
+        firsts = [self.record_index(k) for k in ks]  # here, not in the threads: it caches
+        recs, pixels = zip(*run(self._example, ks, firsts))
         batch = collate([self.encoder.example(r) for r in recs], self.encoder.layout, self.lengths)
         batch["pixel_values"] = np.stack(pixels)
         return batch

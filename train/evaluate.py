@@ -8,7 +8,6 @@ else as token ids. Generation goes through `VisionLanguageModel.generate`
 from __future__ import annotations
 
 import collections
-import dataclasses
 
 import jax
 import numpy as np
@@ -30,7 +29,7 @@ def _normalise(text: str) -> str:
 class Evaluator:
     def __init__(self, config: ModelConfig, layout: TextLayout, encoder: Encoder, records: list[dict], cfg,
                  placement: Placement, image_size: int):
-        self.config = dataclasses.replace(config, text=dataclasses.replace(config.text, remat=False))
+        self.config = config
         self.layout, self.encoder, self.records = layout, encoder, records
         self.batch_size, self.max_new_tokens, self.image_size = cfg.eval_batch_size, cfg.max_new_tokens, image_size
         self.placement = placement

@@ -4,38 +4,21 @@ A training batch scores a few answer tokens per row, but a plain forward
 computes logits [B, T, V] for every position: with a 32K vocabulary that is a
 large share of a train step's FLOPs, forward and backward. Everything after
 the language model's final norm is position-wise (OPT's project_out, the head,
-T5's rescale, the vocab slice), so the rows of the final norm's output can be
-gathered first: the head then runs on [B, K, D] with K = scored tokens per
-row. The gather is a Flax method interceptor on that one module, so the
-towers need no training-specific code path.
+T5's rescale, the vocab slice: the contract's `head`), so the model returns
+the final norm's states, their scored rows are gathered, and the head runs on
+[B, K, D] with K = scored tokens per row.
 """
 from __future__ import annotations
 
-import contextlib
-
-import flax.linen as nn
 import jax.numpy as jnp
 
-# The language model's last module before the (position-wise) head, per family.
-FINAL_NORM = {"llama": ("llm", "norm"), "opt": ("llm", "final_layer_norm"), "t5": ("llm", "decoder", "final_norm")}
+from jblip.model import BlipModel
 
 
-@contextlib.contextmanager
-def gather_before_head(family: str, rows):
-    """Within the context, the final norm's output [B, T, D] becomes [B, K, D] at `rows` [B, K].
-
-    Yields a dict whose "applied" is True once the gather happened (checked by
-    the caller, so a renamed module cannot silently give full-length logits).
-    """
-    path = FINAL_NORM.get(family)
-    seen = {"applied": False}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if path is not None and context.method_name == "__call__" and tuple(context.module.path) == path:
-            seen["applied"] = True
-            return jnp.take_along_axis(out, rows[..., None].astype(jnp.int32), axis=1)
-        return out
-
-    with nn.intercept_methods(interceptor):
-        yield seen
+def scored_logits(module: BlipModel, params, rows, inputs: dict, prepend_queries: bool):
+    """fp32 logits [B, K, V] of the language model's output positions `rows` [B, K]."""
+    def run(model: BlipModel, rows, **inputs):
+        hidden = model.hidden_states(prepend_queries=prepend_queries, **inputs)
+        picked = jnp.take_along_axis(hidden, rows[..., None].astype(jnp.int32), axis=1)
+        return model.lm_head(picked)
+    return module.apply({"params": params}, rows, method=run, **inputs)

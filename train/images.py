@@ -1,4 +1,4 @@
-"""Image transforms of the InstructBLIP recipe (ARCHITECTURE.md §6), NHWC float32 out.
+"""Image transforms of the InstructBLIP recipe (LAVIS' train and eval processors), NHWC float32 out.
 
 Eval (`blip_image_eval`): bicubic resize to S x S (aspect not kept), /255,
 CLIP mean/std: exactly `jblip.image_processing.ImageProcessor`, the

@@ -1,4 +1,4 @@
-"""Token layout and label masking of InstructBLIP instruction tuning (ARCHITECTURE.md §2.4).
+"""Token layout and label masking of InstructBLIP instruction tuning (as LAVIS builds its batches).
 
 Decoder-only LMs (Vicuna, OPT), LAVIS `concat_text_input_output`, right padded:
     input_ids  [<image> x Q] [BOS instruction] [answer EOS] [PAD ...]
@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jblip import families
 from jblip.config import ModelConfig
 from train.loss import IGNORE
 
@@ -50,12 +51,12 @@ class TextLayout:
 
     @property
     def encoder_decoder(self) -> bool:
-        return self.family == "t5"
+        return families.family(self.family).encoder_decoder
 
     @classmethod
     def for_model(cls, config: ModelConfig, **overrides) -> "TextLayout":
         text = config.text
-        decoder_only = config.family != "t5"
+        decoder_only = not families.family(config).encoder_decoder
         pad = getattr(text, "pad_token_id", 0)
         base = cls(family=config.family, num_queries=config.num_query_tokens,
                    image_token=config.image_token_index,

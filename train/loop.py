@@ -23,6 +23,8 @@ from train.checkpoint import Checkpointer
 from train.config import TrainConfig
 from train.data import BatchStream, Encoder, read_jsonl
 from train.evaluate import Evaluator
+from train.finite_steps import FiniteSteps
+from train.option_checks import writable_dir
 from train.optim import make_optimizer
 from train.state import Placement, init_state
 from train.step import make_train_step
@@ -78,6 +80,9 @@ def make_mesh(spec: str):
 def _fixed_sizes(spec: str):
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
+        if name.strip() not in sharding.MESH_AXES:
+            raise ValueError(f"bad mesh spec {spec!r}: unknown axis {name.strip()!r} "
+                             f"(the axes are {', '.join(sharding.MESH_AXES)})")
         try:
             yield int(value)
         except ValueError:
@@ -90,11 +95,13 @@ _STEPS: dict = {}
 def _step_for(config, cfg: TrainConfig, mesh, prepend_queries: bool):
     """(optimizer, placement, jitted step), reused by later runs in this process with the same
     model, optimizer, mesh and batch (a resumed run then does not compile again)."""
-    key = (config, cfg.optim, tuple(tr.set_prefixes(cfg.trainable)), mesh, cfg.batch_size, prepend_queries)
+    key = (config, cfg.optim, tuple(tr.set_prefixes(cfg.trainable)), mesh, cfg.batch_size, prepend_queries,
+           cfg.remat, cfg.skip_nonfinite_steps)
     if key not in _STEPS:
         tx = make_optimizer(cfg.optim)
         placement = Placement(config, cfg.trainable, tx, mesh)
-        step_fn = make_train_step(config, tx, cfg.optim, placement, cfg.batch_size, prepend_queries)
+        step_fn = make_train_step(config, tx, cfg.optim, placement, cfg.batch_size, prepend_queries, cfg.remat,
+                                  skip_nonfinite=cfg.skip_nonfinite_steps)
         _STEPS.clear()  # keep one: compiled programs hold memory
         _STEPS[key] = (tx, placement, step_fn)
     return _STEPS[key]
@@ -107,6 +114,9 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     without a final checkpoint, as if the process were killed there (tests).
     """
     cfg.check()
+    _check_output_places(cfg)
+    records = read_jsonl(cfg.train_data, cfg.image_root)  # every record checked before the model loads
+    eval_records = read_jsonl(cfg.eval_data, cfg.image_root)[: cfg.eval_max_examples] if cfg.eval_data else None
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     config, params = build.load_params(cfg, mesh)
     tokenizer, qformer_tokenizer = build.load_tokenizers(cfg, config)
@@ -117,17 +127,19 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     trainable, frozen = tr.split(params, cfg.trainable)
     del params
     tx, placement, step_fn = _step_for(config, cfg, mesh, layout.prepend_queries)
+    finite = FiniteSteps(cfg.skip_nonfinite_steps, cfg.optim.accumulate)
     state = placement.put_state(init_state(trainable, tx))
     frozen = placement.put_frozen(frozen)
 
     if jax.process_count() > 1 and not any(placement.batch(cfg.batch_size).spec):
         raise ValueError(f"batch_size {cfg.batch_size} does not split over the mesh's data axes; with several "
                          "hosts each reads only its share, so the global batch must divide them")
-    stream = BatchStream(read_jsonl(cfg.train_data, cfg.image_root), encoder, cfg.batch_size, image_size,
+    stream = BatchStream(records, encoder, cfg.batch_size, image_size,
                          seed=cfg.seed, train=cfg.augment)
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
-    if checkpointer and checkpointer.latest_step() is not None:
-        state, data_state, _ = checkpointer.restore(placement.abstract_state(trainable))
+    restored = checkpointer.restore_newest(placement.abstract_state(trainable)) if checkpointer else None
+    if restored is not None:
+        state, data_state, _, _ = restored
         stream.restore(data_state)
     del trainable
 
@@ -135,8 +147,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     total_micro = cfg.steps * accumulate
     micro = int(jax.device_get(state.step))
     evaluator = None
-    if cfg.eval_data:
-        eval_records = read_jsonl(cfg.eval_data, cfg.image_root)[: cfg.eval_max_examples]
+    if eval_records:
         evaluator = Evaluator(config, layout, encoder, eval_records, cfg, placement, image_size)
 
     meta = dict(model=cfg.model, trainable=cfg.trainable, config=cfg.to_dict())
@@ -157,6 +168,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
             batch = global_batch(next(stream), placement, cfg.batch_size)
             t0 = time.perf_counter()
             state, metrics = step_fn(state, frozen, batch)
+            finite.add(micro, metrics)
             micro += 1
             window_examples += cfg.batch_size
             if first:  # the first call compiles: report it apart from the throughput
@@ -168,10 +180,12 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
             update = micro // accumulate
             updates_this_call += 1
             if update % cfg.log_every == 0 or update == cfg.steps:
+                finite.check()
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 last = dict(event="train", step=update, loss=m["loss"], grad_norm=m["grad_norm"], lr=m["lr"],
-                            scored_tokens=int(m["tokens"]),
+                            scored_tokens=int(m["tokens"]), skipped_steps=finite.skipped(),
+                            skipped_images=stream.skipped_images,
                             examples_per_s=round(window_examples / elapsed, 3) if window_examples else None,
                             time=round(time.time(), 3))
                 log.write(last)
@@ -184,11 +198,13 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
                 last = {**last, **_eval(evaluator, state, frozen, update, log)}
                 window_start, window_examples = time.perf_counter(), 0  # eval time is not training time
             if checkpointer and cfg.checkpoint_every and update % cfg.checkpoint_every == 0 and update != cfg.steps:
+                finite.check()  # never a checkpoint of a diverged run
                 checkpointer.save(update, state, stream.state(), meta)
             if stop_after is not None and updates_this_call >= stop_after and micro < total_micro:
                 if checkpointer:
                     checkpointer.wait()
                 return dict(last, stopped=True)
+        finite.check()
         if evaluator:
             last = {**last, **_eval(evaluator, state, frozen, micro // accumulate, log)}
         if checkpointer and micro // accumulate not in checkpointer.all_steps():
@@ -206,6 +222,17 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     return dict(last, state=state, frozen=frozen, config=config)
 
 
+def _check_output_places(cfg: TrainConfig):
+    """Checkpoint, log and export places are usable before any work (see option_checks.writable_dir)."""
+    places = [("checkpoint_dir", cfg.checkpoint_dir)]
+    if jax.process_index() == 0:
+        places += [("log_file's folder", cfg.log_file and os.path.dirname(os.path.abspath(cfg.log_file))),
+                   ("export_dir's folder", cfg.export_dir and os.path.dirname(os.path.abspath(cfg.export_dir)))]
+    for name, path in places:
+        if path:
+            writable_dir(name, path)
+
+
 def _eval(evaluator, state, frozen, update, log) -> dict:
     result = evaluator.run(state.params, frozen)
     record = dict(event="eval", step=update, **result)
@@ -220,10 +247,7 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export(cfg: TrainConfig, config, params):
     """The fine-tuned model as a HF-format checkpoint directory (the layout `load_pretrained` reads),
     with the tokenizer / processor files of the base model (or of `cfg.tokenizer`) next to it."""
-    import dataclasses
-
     from convert.export import export_hf
-    config = dataclasses.replace(config, text=dataclasses.replace(config.text, remat=False))
     if jax.process_index() != 0:
         return
     export_hf(config, cfg.export_dir, params=params, overwrite=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import jax
 import optax
 
+from train import option_checks as check
 from train.trainable import map_with_path
 
 
@@ -35,15 +36,20 @@ class OptimConfig:
     accumulate: int = 1             # micro-batches per update
 
     def __post_init__(self):
-        if self.accumulate < 1:
-            raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
-        if self.total_steps < 1 or self.warmup_steps < 0:
-            raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {self.total_steps}, {self.warmup_steps}")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ValueError(f"clip_norm must be positive (or None for no clipping), got {self.clip_norm}")
+        for name in ("lr", "warmup_lr", "min_lr", "weight_decay"):
+            check.number(f"optim.{name}", getattr(self, name), minimum=0)
+        check.number("optim.eps", self.eps, positive=True)
+        check.number("optim.b1", self.b1, minimum=0, below=1)
+        check.number("optim.b2", self.b2, minimum=0, below=1)
+        check.number("optim.clip_norm", self.clip_norm, positive=True, optional=True)  # None: no clipping
+        check.integer("optim.accumulate", self.accumulate, minimum=1)
+        check.integer("optim.total_steps", self.total_steps, minimum=1)
+        check.integer("optim.warmup_steps", self.warmup_steps, minimum=0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "OptimConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"optim must be a mapping of optimizer options, got {d!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

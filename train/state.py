@@ -54,7 +54,8 @@ class Placement:
         full = sharding.param_shardings(abstract_params(config, boxed=True), mesh, self.rules)
         trainable, self.frozen = tr.split(full, trainable_set)
         self.replicated = NamedSharding(mesh, P())
-        abstract_trainable = tr.cast(tr.split(abstract_params(config), trainable_set)[0], jnp.float32)
+        abstract_trainable = jax.eval_shape(lambda p: tr.cast(p, jnp.float32),
+                                            tr.split(abstract_params(config), trainable_set)[0])
         abstract_opt = jax.eval_shape(tx.init, abstract_trainable)
         self.state = TrainState(self.replicated, trainable,
                                 state_shardings(tx, abstract_opt, trainable, self.replicated))

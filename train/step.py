@@ -21,7 +21,7 @@ from jblip import sharding
 from jblip.config import ModelConfig
 from jblip.model import BlipModel
 from train import trainable as tr
-from train.head import gather_before_head
+from train.head import scored_logits
 from train.loss import lm_loss, token_nll
 from train.optim import OptimConfig, learning_rate
 from train.state import Placement, TrainState
@@ -36,20 +36,16 @@ def forward_loss(module: BlipModel, params, batch, prepend_queries: bool):
     the LM head runs only at the scored positions (`train.head`); the loss is HF's either way.
     """
     inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-    run = lambda: module.apply({"params": params}, prepend_queries=prepend_queries, **inputs)
     if "target_positions" in batch:
         rows = batch["target_positions"]
         if not module.is_encoder_decoder:  # HF: logits cut to the label length, then shifted by one
             offset = module.config.num_query_tokens if prepend_queries else 0
             rows = jnp.maximum(offset + rows - 1, 0)
-        with gather_before_head(module.config.family, rows) as gathered:
-            logits = run()
-        if gathered["applied"]:
-            nll, valid = token_nll(logits, batch["target_labels"])
-            count = jnp.sum(valid)
-            return jnp.sum(nll) / jnp.maximum(count, 1).astype(jnp.float32), count
-    else:
-        logits = run()
+        logits = scored_logits(module, params, rows, inputs, prepend_queries)
+        nll, valid = token_nll(logits, batch["target_labels"])
+        count = jnp.sum(valid)
+        return jnp.sum(nll) / jnp.maximum(count, 1).astype(jnp.float32), count
+    logits = module.apply({"params": params}, prepend_queries=prepend_queries, **inputs)
     return lm_loss(logits, batch["labels"], shift=not module.is_encoder_decoder)
 
 
@@ -69,25 +65,34 @@ def _jit(fn, placement: Placement | None, in_shardings, out_shardings, donate=()
     def run(*args):  # activation constraints resolve while tracing, under the mesh's rules
         with sharding.activation_rules(placement.mesh, placement.rules):
             return jitted(*args)
+    run.jitted = jitted  # for `jax.export` / `.lower` (inside `activation_rules`)
     return run
 
 
 def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, optim: OptimConfig,
                     placement: Placement | None = None, batch_size: int | None = None,
-                    prepend_queries: bool = False):
-    """`step(state, frozen, batch) -> (state, metrics)`; metrics: loss, grad_norm, lr, tokens.
+                    prepend_queries: bool = False, remat: str = "none", skip_nonfinite: bool = False):
+    """`step(state, frozen, batch) -> (state, metrics)`; metrics: loss, grad_norm, lr, tokens, finite.
 
-    `grad_norm` is the global norm of this micro-batch's gradient before clipping.
+    `remat` names the layer stacks' recompute policy (`jblip.scan`).
+    `grad_norm` is the global norm of this micro-batch's gradient before clipping; `finite` says
+    whether it and the loss are finite. With `skip_nonfinite`, a step where they are not keeps
+    the params and optimizer state as they were (only the step counter moves on).
     With a `placement` on a mesh, `batch_size` (global) fixes the batch sharding.
     """
-    module = BlipModel(config)
+    module = BlipModel(config, remat=remat)
 
     def step(state: TrainState, frozen, batch):
         (loss, count), grads = loss_and_grads(module, state.params, frozen, batch, prepend_queries)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), tokens=count,
-                       lr=learning_rate(optim, state.step))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params, opt_state = jax.tree.map(keep, (params, opt_state), (state.params, state.opt_state))
+        metrics = dict(loss=loss, grad_norm=grad_norm, tokens=count, lr=learning_rate(optim, state.step),
+                       finite=finite)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     if placement is None or placement.mesh is None:

@@ -1,16 +1,17 @@
 """`jblip caption --images DIR_OR_GLOB --out results.jsonl`: caption many images, resumably.
 
-Each output line is `{"image": path, "caption": text}`, written and flushed one
-batch at a time, so an interrupted run loses at most the batch in flight and a
-rerun of the same command skips every image already in the file (matched by
-absolute path) and never writes a second line for it. A partial last line (a
-run killed mid-write) is dropped before appending. Unreadable images are
-reported on stderr, not written, and retried by the next run.
+Each output line is `{"image": resolved absolute path, "caption": text}`, written
+and flushed one batch at a time, so an interrupted run loses at most the batch in
+flight and a rerun (from any folder) skips every image already in the file and
+never writes a second line for it. The output is checked whole and locked first
+(caption_output.py): a file that is not a caption file is refused untouched, a
+second writer is refused, and only a partial last record is dropped. Unreadable
+images are reported on stderr, not written, and retried by the next run. A short
+last batch is padded to the next power of two, not to --batch-size.
 """
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from jblip.commands.caption_output import CaptionOutput, image_key
 from jblip.commands.common import (add_decoding_arguments, add_model_arguments, checkpoint_path, decoding_options,
                                    load_model)
 
@@ -39,10 +41,6 @@ def add_arguments(parser):
     add_decoding_arguments(parser)
 
 
-def image_key(path: str) -> str:
-    return os.path.normcase(os.path.abspath(path))
-
-
 def list_images(spec: str) -> list[str]:
     if os.path.isdir(spec):
         found = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
@@ -53,32 +51,7 @@ def list_images(spec: str) -> list[str]:
         found = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
         if not found:
             raise FileNotFoundError(f"no files match {spec!r}")
-    unique = {image_key(p): p for p in sorted(found)}
-    return sorted(unique.values())
-
-
-def read_done(out: str) -> set[str]:
-    """Keys of the images already in `out`; a partial last line is cut off the file."""
-    if not os.path.exists(out):
-        return set()
-    with open(out, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(out, "r+b") as f:
-            f.truncate(keep)
-        print(f"caption: dropped an incomplete last line of {out} (interrupted write)", file=sys.stderr)
-        data = data[:keep]
-    done = set()
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            done.add(image_key(json.loads(line)["image"]))
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{out} line {number} is not a jblip caption record ({line[:60]!r}); "
-                             "fix or remove it, or choose another --out") from None
-    return done
+    return sorted({image_key(p) for p in found})  # resolved absolute paths: what the output records
 
 
 class Progress:
@@ -121,14 +94,18 @@ def _load(processor, path):
 
 
 def run(args) -> int:
-    from jblip.pipeline import sampler_for
-    from jblip.processing import Processor
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = list_images(args.images)
-    done = read_done(args.out)
-    todo = [p for p in paths if image_key(p) not in done]
+    with CaptionOutput(args.out) as out:  # checked whole and locked before anything else happens
+        return _run(args, paths, out)
+
+
+def _run(args, paths: list[str], out: CaptionOutput) -> int:
+    from jblip.pipeline import sampler_for
+    from jblip.processing import Processor
+
+    todo = [p for p in paths if p not in out.done]
     path = checkpoint_path(args)
     processor = Processor.from_pretrained(path)
     prompt = DEFAULT_PROMPTS[processor.config.model_type] if args.prompt is None else args.prompt
@@ -144,11 +121,9 @@ def run(args) -> int:
     sampler = sampler_for(model, preset, **options)
     if sampler.num_return_sequences != 1:
         raise ValueError("caption writes one caption per image (num_return_sequences must be 1)")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
     progress.start = time.perf_counter()
-    with open(args.out, "a", encoding="utf-8") as out, ThreadPoolExecutor(max(1, args.workers)) as pool:
+    with ThreadPoolExecutor(max(1, args.workers)) as pool:
         submit = lambda batch: [pool.submit(_load, processor, p) for p in batch]  # noqa: E731
         ahead = submit(batches[0])
         try:
@@ -165,10 +140,7 @@ def run(args) -> int:
                         print(f"caption: skipped {error}", file=sys.stderr)
                 if good:
                     captions = _caption(model, processor, text, sampler, seed, [x for _, x in good], args.batch_size)
-                    out.write("".join(json.dumps({"image": p, "caption": c}, ensure_ascii=False) + "\n"
-                                      for (p, _), c in zip(good, captions)))
-                    out.flush()
-                    os.fsync(out.fileno())
+                    out.write(zip([p for p, _ in good], captions))
                     progress.done += len(good)
                 progress.update()
         except KeyboardInterrupt:
@@ -180,10 +152,18 @@ def run(args) -> int:
     return 0
 
 
+def bucket(n: int, batch_size: int) -> int:
+    """The batch shape `n` images run at: the next power of two, at most `batch_size`, so a short
+    last batch costs about its own size while only log2(batch_size) + 1 shapes ever compile."""
+    return min(1 << max(n - 1, 0).bit_length(), batch_size)
+
+
 def _caption(model, processor, text, sampler, seed, pixels, batch_size) -> list[str]:
-    """Captions of up to `batch_size` images; a short batch is filled with copies of its last
-    image so every call has the same shapes (no recompilation), and the copies are dropped."""
+    """Captions of up to `batch_size` images; the batch is filled with copies of its last image up
+    to its bucket (few shapes, so little recompilation), and the copies are dropped."""
     n = len(pixels)
-    pixels = np.stack(pixels + [pixels[-1]] * (batch_size - n))
+    rows = bucket(n, batch_size)
+    pixels = np.stack(pixels + [pixels[-1]] * (rows - n))
+    text = {k: None if v is None else v[:rows] for k, v in text.items()}  # one prompt: every row is the same
     output = model.generate(pixel_values=pixels, **text, sampler=sampler, seed=seed)
     return processor.decode(output)[:n]

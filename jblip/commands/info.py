@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from jblip import families
+
 TOWERS = (("vision", "vision"), ("qformer", "Q-Former"), ("projection", "projection"), ("llm", "language model"))
 BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -25,7 +27,7 @@ def _config(model: str | None):
         return PRESETS[model], f"preset {model}"
     path = resolve_model(model)
     if not os.path.isdir(path):
-        path = _hub_config_dir(path)
+        path = _hub_config_dir(path)  # only a hub id gets there; local paths are refused
     config = from_hf_config(path, name=os.path.basename(os.path.normpath(path)))
     try:
         from convert.readers import CheckpointError, open_checkpoint
@@ -37,8 +39,11 @@ def _config(model: str | None):
 
 
 def _hub_config_dir(model_id: str) -> str:
-    if model_id.count("/") != 1 or model_id.startswith((".", "/")):
-        raise FileNotFoundError(f"no checkpoint at {model_id!r} (and not a preset name)")
+    from jblip.pretrained import _local_problem, is_hub_id
+    if os.path.isfile(model_id):
+        raise FileNotFoundError(f"{model_id} is a file; --model wants a checkpoint directory, hub id or preset name")
+    if not is_hub_id(model_id):
+        raise FileNotFoundError(f"{_local_problem(model_id)} (and not a preset name)")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
@@ -50,7 +55,7 @@ def _hub_config_dir(model_id: str) -> str:
 def describe(config) -> list[tuple[str, str]]:
     v, q, t = config.vision, config.qformer, config.text
     tokens = (v.image_size // v.patch_size) ** 2 + 1
-    if config.family == "t5":
+    if families.family(config).encoder_decoder:
         lm = (f"flan-t5: {t.num_layers}+{t.num_decoder_layers} layers, width {t.d_model}, {t.num_heads} heads, "
               f"ffn {t.d_ff}, vocab {t.vocab_size}")
     else:

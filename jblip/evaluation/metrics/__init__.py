@@ -1,0 +1,1 @@
+"""The benchmarks' official metrics: VQA accuracy, exact match, choice accuracy, caption scores."""
