@@ -374,3 +374,19 @@ def test_cli_serves_and_shuts_down_on_sigterm(tmp_path):
             proc.kill()
     log = proc.stdout.read()
     assert "Shutting down" in log and "model 'demo'" in log
+
+
+def test_new_sampling_knobs_never_recompile(client, model):
+    def sample(temperature, top_p, max_tokens, seed):
+        return ask(client, "What colour is the background?", "green_triangle.png", temperature=temperature,
+                   top_p=top_p, max_tokens=max_tokens, seed=seed)
+
+    sample(0.5, 0.9, 12, 0)  # warm-up: the sampling program at this prompt bucket
+    compiled = model._generate_jit._cache_size()
+    for temperature, top_p, max_tokens, seed in [(0.7, 0.8, 9, 1), (1.3, 1.0, 16, 2), (0.2, 0.5, 3, 3)]:
+        reply = sample(temperature, top_p, max_tokens, seed)
+        assert reply.usage.completion_tokens <= max_tokens
+        assert reply.choices[0].message.content == model.generate_text(
+            example("green_triangle.png"), "What colour is the background?", do_sample=True,
+            temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, seed=seed, all_processors=True)[0]
+    assert model._generate_jit._cache_size() == compiled + 1  # the one generate_text batch shape, once

@@ -1,14 +1,13 @@
-"""`BatchingEngine`: waiting requests that share their decoding settings run together as
-one `model.generate` batch; a batch ends when its longest answer ends.
+"""`BatchingEngine`: waiting requests that share a decoding program run together as one
+`model.generate` batch; a batch ends when its longest answer ends (static batching).
 
-This is the simple engine (static batching). Requests are grouped by their `SamplerConfig`
-(a static argument of the jitted decode loop, so a group is one compiled program); a
-request with a client-chosen sampling seed runs alone, because a sampled row's random draws
-depend on its place in the batch and its answer must not depend on who else was waiting.
-A shared batch is always padded to the full `max_batch` rows (copies of its last request), so
-each decoding setting and prompt-length bucket compiles one program, whatever the traffic;
-a lone seeded request keeps its own size (its random draws depend on the batch shape, and
-must equal those of `generate` called on it alone).
+Only what shapes the compiled program groups requests: strategy, beams, answers per request
+(n). Every other knob (temperature, top_p, top_k, penalties, min/max tokens, the seed) is
+passed per row, so one batch mixes them and new values never recompile (the sampler's
+`all_processors` keeps every processor in the program whatever the values). A row's random
+draws depend only on its own seed, so a seeded answer is the same alone or in a batch.
+A batch is always padded to the full `max_batch` rows (copies of its last request), so each
+program and prompt-length bucket compiles once, whatever the traffic.
 """
 from __future__ import annotations
 
@@ -22,14 +21,23 @@ from jblip.serve.engine import Engine, EngineRequest, Failed, Finished, Tokens
 from jblip.serve.errors import QueueFull, ShuttingDown
 
 
-def _group_key(request: EngineRequest, sampler):
-    if sampler.strategy == "sample" and request.decoding.seeded:
-        return ("alone", request.id)
-    return ("shared", sampler)
+PER_ROW = ("temperature", "top_k", "top_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+           "min_new_tokens", "max_new_tokens")
 
 
-def _token_bucket(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
+def _group_key(request: EngineRequest):
+    """What the compiled program depends on (besides shapes); the knobs in PER_ROW do not."""
+    s = request.decoding.sampler
+    return (s.strategy, s.num_beams, s.num_return_sequences, s.early_stopping, s.eos_token_ids, s.pad_token_id)
+
+
+def batch_sampler(requests: list[EngineRequest], rows: int):
+    """One sampler for the batch: the per-row knobs as one value per row (padding rows repeat
+    the last request), every processor compiled in."""
+    samplers = [r.decoding.sampler for r in requests]
+    samplers += [samplers[-1]] * (rows - len(samplers))
+    per_row = {name: tuple(getattr(s, name) for s in samplers) for name in PER_ROW}
+    return samplers[0].replace(all_processors=True, **per_row)
 
 
 def _rows(request: EngineRequest) -> int:
@@ -132,29 +140,22 @@ class BatchingEngine(Engine):
         return self._active_rows
 
     # ------------------------------------------------------------------ loop
-    def _run_sampler(self, request: EngineRequest):
-        """The request's settings with max_new_tokens rounded up to a bucket where that cannot
-        change its answer (greedy and sampling: the first k tokens do not depend on the cap;
-        beam search does depend on it), so that nearby max_tokens share one compiled loop."""
-        s = request.decoding.sampler
-        if s.strategy == "beam":
-            return s
-        cap = _token_bucket(s.max_new_tokens)
-        if self.positions is not None:
-            room = self.positions - request.prompt_width - self.extra_positions
-            cap = min(cap, room)
-        return s.replace(max_new_tokens=max(cap, s.max_new_tokens))
+    def _fits(self, width: int, longest: int) -> bool:
+        """Whether prompts `width` wide plus `longest` new tokens fit the model's positions."""
+        return self.positions is None or width + self.extra_positions + longest <= self.positions
 
     def _take_batch(self) -> list[EngineRequest]:
         first = self._waiting[0]
-        key, rows, batch = _group_key(first, self._run_sampler(first)), 0, []
+        key, rows, batch = _group_key(first), 0, []
+        width = longest = 0
         for r in list(self._waiting):
-            if _group_key(r, self._run_sampler(r)) == key and rows + _rows(r) <= max(self.max_batch, _rows(first)):
+            w, m = max(width, r.prompt_width), max(longest, r.decoding.sampler.max_new_tokens)
+            if (_group_key(r) == key and rows + _rows(r) <= max(self.max_batch, _rows(first))
+                    and (not batch or self._fits(w, m))):
                 batch.append(r)
                 rows += _rows(r)
+                width, longest = w, m
                 self._waiting.remove(r)
-                if key[0] == "alone":
-                    break
         return batch
 
     def _loop(self):
@@ -180,12 +181,11 @@ class BatchingEngine(Engine):
                 self.batches_run += 1
 
     def _run(self, batch: list[EngineRequest]):
-        decoding = batch[0].decoding
-        sampler = self._run_sampler(batch[0])  # one group: the same for every request in it
-        alone = _group_key(batch[0], sampler)[0] == "alone"
-        rows = len(batch) if alone else max(len(batch), self.max_batch // _rows(batch[0]))
+        rows = max(len(batch), self.max_batch // _rows(batch[0]))
+        sampler = batch_sampler(batch, rows)
+        seeds = [r.decoding.seed for r in batch] + [batch[-1].decoding.seed] * (rows - len(batch))
         inputs = stack_inputs(batch, rows, self.model.config.family != "t5", self.pad_id)
-        out = self.model.generate(**inputs, sampler=sampler, seed=decoding.seed)
+        out = self.model.generate(**inputs, sampler=sampler, seed=seeds)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         n, eos = sampler.num_return_sequences, set(sampler.eos_token_ids)
         for i, r in enumerate(batch):
