@@ -10,7 +10,7 @@ same run with sequential `generate_text` calls (one request at a time, no server
 Per setting: requests/s, generated tokens/s, p50/p95 time to first token (first streamed
 text) and end-to-end latency. Compilation is excluded: every request shape is sent once
 before timing. The engine is `jblip.serve.batch_engine.BatchingEngine` (static batching:
-a batch holds requests with the same decoding settings and ends with its longest answer).
+a batch holds requests of one decoding program, knobs per row, and ends with its longest answer).
 """
 from __future__ import annotations
 
