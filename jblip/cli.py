@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "generate": ("jblip.commands.generate", "answer a prompt about an image"),
     "caption": ("jblip.commands.caption", "caption a folder of images into a JSONL file"),
+    "serve": ("jblip.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "eval": ("jblip.commands.eval", "score a model on a benchmark (VQAv2, GQA, ..., COCO captions) with its paper protocol"),
     "info": ("jblip.commands.info", "describe a checkpoint: family, sizes, parameters, memory"),
     "convert": ("convert.cli", "convert HF / PyTorch / LAVIS weights to a HF-format safetensors directory"),
