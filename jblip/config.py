@@ -185,6 +185,16 @@ class ModelConfig:
     precision: Precision = field(default_factory=Precision)
     name: str = "custom"
 
+    def __post_init__(self):
+        # The projection writes the queries at the language model's hidden width; a model whose
+        # token embeddings are narrower (OPT's word_embed_proj_dim, only OPT-350m) would need
+        # them at the embedding width instead, and HF scrambles such inputs silently.
+        embed_width = getattr(self.text, "word_embed_proj_dim", self.text.hidden_size)
+        if embed_width != self.text.hidden_size:
+            raise ConfigError(f"the language model's token embeddings are {embed_width} wide "
+                              f"(word_embed_proj_dim) but its hidden size is {self.text.hidden_size}: "
+                              "BLIP-2 projects the queries to the hidden size, so the two must be equal")
+
     @property
     def family(self) -> str:
         return self.text.family

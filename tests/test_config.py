@@ -52,3 +52,12 @@ def test_coco_presets_are_364_px_and_all_checkpoints_have_presets():
 def test_unknown_text_family_is_refused():
     with pytest.raises(ConfigError, match="unknown language-model family"):
         from_hf_config(dict(model_type="blip-2", text_config=dict(model_type="gpt2")))
+
+
+def test_blip2_opt_with_narrow_token_embeddings_is_refused_naming_both_widths():
+    """OPT-350m's layout (word_embed_proj_dim 512 < hidden_size 1024) cannot take BLIP-2's projected
+    queries: refused when the config is read, not deep inside the first trace."""
+    with pytest.raises(ConfigError, match=r"512 wide \(word_embed_proj_dim\) but its hidden size is 1024"):
+        from_hf_config(dict(model_type="blip-2", vision_config=VISION,
+                            text_config=dict(model_type="opt", vocab_size=50272, hidden_size=1024, ffn_dim=4096,
+                                             num_hidden_layers=24, num_attention_heads=16, word_embed_proj_dim=512)))
