@@ -93,7 +93,7 @@ def random_params(config, seed: int = 0, std: float = 0.02):
     import jax
     import jax.numpy as jnp
     from jblip.model import abstract_params
-    from train.trainable import map_with_path
+    from jblip.train.trainable import map_with_path
     draw = jax.jit(lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype),
                    static_argnums=(1, 2))
     keys = iter(jax.random.split(jax.random.key(seed), 10_000))
@@ -160,7 +160,7 @@ def text_dtype(model):
 
 def model_flops_per_step(config, params, trainable_set: str, batch: int, prompt: int, instruction: int) -> float:
     """Matmul FLOPs of one step from the towers' param counts (see the module doc)."""
-    from train.trainable import count
+    from jblip.train.trainable import count
     towers = {k: count(v) for k, v in params.items()}
     image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2 + 1
     tokens = dict(vision=image_tokens, qformer=config.num_query_tokens + instruction,
@@ -177,11 +177,11 @@ def model_flops_per_step(config, params, trainable_set: str, batch: int, prompt:
 def train_case(config, trainable_set: str, shapes: dict, peak: float, llm_layers: int) -> dict:
     import jax
     import jax.numpy as jnp
-    from train import trainable as tr
-    from train.build import training_precision
-    from train.optim import OptimConfig, make_optimizer
-    from train.state import TOWER_DTYPE, init_state
-    from train.step import make_train_step
+    from jblip.train import trainable as tr
+    from jblip.train.build import training_precision
+    from jblip.train.optim import OptimConfig, make_optimizer
+    from jblip.train.state import TOWER_DTYPE, init_state
+    from jblip.train.step import make_train_step
     config = config.with_precision(training_precision("bfloat16"))
     if llm_layers:
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, num_layers=llm_layers))

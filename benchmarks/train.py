@@ -39,7 +39,7 @@ LR, WD, CLIP = 1e-5, 0.05, 1.0
 
 def make_batch(config, layout, image_size: int, seed: int = 0):
     """Instructions of 12..20 tokens, answers of 3..8 (+ EOS), through jblip's label builder."""
-    from train.labels import collate, encode_example
+    from jblip.train.labels import collate, encode_example
     rng = np.random.default_rng(seed)
     examples = []
     for _ in range(BATCH):
@@ -54,7 +54,7 @@ def make_batch(config, layout, image_size: int, seed: int = 0):
 
 def hf_step_fn(model, batch):
     import torch
-    from train.trainable import QFORMER_SET
+    from jblip.train.trainable import QFORMER_SET
     hf_prefixes = ("qformer.", "query_tokens", "vision_model.post_layernorm.", "language_projection.")
     assert len(hf_prefixes) == len(QFORMER_SET) + 1  # query tokens live under qformer/ in jblip
     decay, no_decay = [], []
@@ -82,10 +82,10 @@ def hf_step_fn(model, batch):
 
 def jblip_step_fn(model, batch):
     import jax
-    from train import trainable as tr
-    from train.optim import OptimConfig, make_optimizer
-    from train.state import init_state
-    from train.step import make_train_step
+    from jblip.train import trainable as tr
+    from jblip.train.optim import OptimConfig, make_optimizer
+    from jblip.train.state import init_state
+    from jblip.train.step import make_train_step
     optim = OptimConfig(lr=LR, warmup_lr=LR, warmup_steps=0, total_steps=10**6, weight_decay=WD, clip_norm=CLIP)
     tx = make_optimizer(optim)
     trainable, frozen = tr.split(model.params, "qformer")
@@ -120,7 +120,7 @@ def main(argv=None):
     import torch
     import jblip
     from jblip.model import count_params
-    from train.labels import TextLayout
+    from jblip.train.labels import TextLayout
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as path:

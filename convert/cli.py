@@ -51,9 +51,9 @@ class Progress:
 
 def _hf_source(src: str, args):
     """-> (config, source, rules) for a HF-layout checkpoint."""
-    from convert.fuse import FuseQVBias
-    from convert.hf import hf_rules
-    from convert.readers import open_checkpoint
+    from jblip.convert.fuse import FuseQVBias
+    from jblip.convert.hf import hf_rules
+    from jblip.convert.readers import open_checkpoint
     from jblip.config import from_hf_config, preset, untie_if_present
 
     if args.config:
@@ -71,8 +71,8 @@ def _hf_source(src: str, args):
 
 
 def run(args) -> int:
-    from convert.export import LazyParams, export_hf
-    from convert.lavis import LavisCheckpoint
+    from jblip.convert.export import LazyParams, export_hf
+    from jblip.convert.lavis import LavisCheckpoint
     from jblip.model import abstract_params
 
     if args.lavis:

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from convert.tensor_source import SourceBase
+from jblip.convert.tensor_source import SourceBase
 
 
 class RenamedSource(SourceBase):

@@ -23,12 +23,12 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from convert import stacking
-from convert.hf import hf_rules
-from convert.hf_config import hf_config_dict
-from convert.inverse import KeyInverter
-from convert.rules import ConversionError, convert_one, flatten, plan
-from convert.safetensors_writer import nbytes, write_safetensors
+from jblip.convert import stacking
+from jblip.convert.hf import hf_rules
+from jblip.convert.hf_config import hf_config_dict
+from jblip.convert.inverse import KeyInverter
+from jblip.convert.rules import ConversionError, convert_one, flatten, plan
+from jblip.convert.safetensors_writer import nbytes, write_safetensors
 from jblip.config import ModelConfig
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's default "5GB"

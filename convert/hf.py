@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import importlib
 
-from convert.rules import IDENTITY, LINEAR, Rule, leading_ones, prefixed
+from jblip.convert.rules import IDENTITY, LINEAR, Rule, leading_ones, prefixed
 from jblip import families
 from jblip.config import ModelConfig
 
 
 def _tower(name: str, attr: str = "RULES"):
-    return getattr(importlib.import_module(f"convert.tables.{name}"), attr)
+    return getattr(importlib.import_module(f"jblip.convert.tables.{name}"), attr)
 
 
 def _llm_rules(config: ModelConfig):

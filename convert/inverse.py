@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from convert.rules import ConversionError, Rule
+from jblip.convert.rules import ConversionError, Rule
 
 _GROUP_REF = re.compile(r"\\(\d+)")
 _REGEX_SYNTAX = set(".[]|?*+{}^$)")

@@ -25,12 +25,12 @@ import re
 from collections import Counter
 from typing import Callable
 
-from convert.combine import MergedSource, PadRows, RenamedSource
-from convert.fuse import FuseQVBias
-from convert.hf import hf_rules
-from convert.readers import open_checkpoint
-from convert.rules import ConversionError, convert_params, flatten, plan
-from convert.tensor_source import SourceBase
+from jblip.convert.combine import MergedSource, PadRows, RenamedSource
+from jblip.convert.fuse import FuseQVBias
+from jblip.convert.hf import hf_rules
+from jblip.convert.readers import open_checkpoint
+from jblip.convert.rules import ConversionError, convert_params, flatten, plan
+from jblip.convert.tensor_source import SourceBase
 from jblip.config import ModelConfig, from_hf_config, preset, untie_if_present
 
 LAVIS_LN_VISION_EPS = 1e-5

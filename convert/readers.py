@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 
 from jblip import bounded_json
-from convert.errors import CheckpointError, UnsafeCheckpointError  # noqa: F401  (re-exported)
-from convert.safetensors_reader import SafetensorsFile, SafetensorsIndex
-from convert.tensor_source import TensorSource  # noqa: F401  (re-exported)
-from convert.torch_reader import TorchCheckpoint, TorchIndex
+from jblip.convert.errors import CheckpointError, UnsafeCheckpointError  # noqa: F401  (re-exported)
+from jblip.convert.safetensors_reader import SafetensorsFile, SafetensorsIndex
+from jblip.convert.tensor_source import TensorSource  # noqa: F401  (re-exported)
+from jblip.convert.torch_reader import TorchCheckpoint, TorchIndex
 
 # in order of preference: safetensors first (no pickle at all)
 FOLDER_CANDIDATES = ("model.safetensors", "model.safetensors.index.json",

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from convert import stacking
+from jblip.convert import stacking
 
 
 class ConversionError(ValueError):

@@ -15,9 +15,9 @@ import ml_dtypes
 import numpy as np
 
 from jblip import bounded_json
-from convert.errors import CheckpointError  # also importable from here, as before
-from convert.sharded import ShardedSource
-from convert.tensor_source import PositionalFile, SourceBase, bytes_as
+from jblip.convert.errors import CheckpointError  # also importable from here, as before
+from jblip.convert.sharded import ShardedSource
+from jblip.convert.tensor_source import PositionalFile, SourceBase, bytes_as
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from convert.safetensors_reader import DTYPES
+from jblip.convert.safetensors_reader import DTYPES
 
 DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 

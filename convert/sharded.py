@@ -9,8 +9,8 @@ import os
 from typing import Callable
 
 from jblip import bounded_json
-from convert.errors import CheckpointError
-from convert.tensor_source import SourceBase
+from jblip.convert.errors import CheckpointError
+from jblip.convert.tensor_source import SourceBase
 
 
 class ShardedSource(SourceBase):

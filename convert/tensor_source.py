@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from convert.errors import CheckpointError
+from jblip.convert.errors import CheckpointError
 
 
 class TensorSource(Protocol):

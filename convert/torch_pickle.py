@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from convert.errors import CheckpointError, UnsafeCheckpointError
+from jblip.convert.errors import CheckpointError, UnsafeCheckpointError
 
 # legacy typed-storage class names (torch.FloatStorage ...) -> element dtype
 STORAGE_DTYPES = {

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from convert.errors import CheckpointError
-from convert.sharded import ShardedSource
-from convert.tensor_source import PositionalFile, SourceBase, bytes_as
-from convert.torch_pickle import LazyTensor, RestrictedUnpickler
+from jblip.convert.errors import CheckpointError
+from jblip.convert.sharded import ShardedSource
+from jblip.convert.tensor_source import PositionalFile, SourceBase, bytes_as
+from jblip.convert.torch_pickle import LazyTensor, RestrictedUnpickler
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001

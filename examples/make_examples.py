@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from train.synthetic import Item, Scene, draw_scene
+from jblip.train.synthetic import Item, Scene, draw_scene
 
 SIZE = 64
 SCENES = {

@@ -11,8 +11,8 @@ COMMANDS = {
     "serve": ("jblip.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "eval": ("jblip.commands.eval", "score a model on a benchmark (VQAv2, GQA, ..., COCO captions) with its paper protocol"),
     "info": ("jblip.commands.info", "describe a checkpoint: family, sizes, parameters, memory"),
-    "convert": ("convert.cli", "convert HF / PyTorch / LAVIS weights to a HF-format safetensors directory"),
-    "train": ("train.cli", "fine-tune a model from a YAML/JSON config or a named recipe"),
+    "convert": ("jblip.convert.cli", "convert HF / PyTorch / LAVIS weights to a HF-format safetensors directory"),
+    "train": ("jblip.train.cli", "fine-tune a model from a YAML/JSON config or a named recipe"),
 }
 
 

@@ -41,9 +41,9 @@ class Family:
 
 
 FAMILIES = {
-    "llama": Family("llama", "jblip.llama:LlamaModel", "convert.tables.llama", encoder_decoder=False),
-    "opt": Family("opt", "jblip.opt:OPTModel", "convert.tables.opt", encoder_decoder=False),
-    "t5": Family("t5", "jblip.t5:T5Model", "convert.tables.t5", encoder_decoder=True),
+    "llama": Family("llama", "jblip.llama:LlamaModel", "jblip.convert.tables.llama", encoder_decoder=False),
+    "opt": Family("opt", "jblip.opt:OPTModel", "jblip.convert.tables.opt", encoder_decoder=False),
+    "t5": Family("t5", "jblip.t5:T5Model", "jblip.convert.tables.t5", encoder_decoder=True),
 }
 
 

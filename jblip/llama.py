@@ -10,7 +10,6 @@ array per k and v, carried through the scan (`jblip.kv_cache`).
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jblip import kv_cache

@@ -20,7 +20,6 @@ gather, so callers must keep `position < max_position_embeddings`.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jblip import kv_cache

@@ -307,10 +307,10 @@ def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
     zero-padded to divide its mesh axes (`sharding.pad_vocab`). `rules` defaults
     to `sharding.LOGICAL_RULES`.
     """
-    from convert.fuse import FuseQVBias
-    from convert.hf import hf_rules
-    from convert.readers import open_checkpoint
-    from convert.rules import convert_params, flatten
+    from jblip.convert.fuse import FuseQVBias
+    from jblip.convert.hf import hf_rules
+    from jblip.convert.readers import open_checkpoint
+    from jblip.convert.rules import convert_params, flatten
 
     path = _resolve_path(path_or_id)
     config = from_hf_config(path, name=os.path.basename(os.path.normpath(path)))

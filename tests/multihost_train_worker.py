@@ -14,8 +14,8 @@ from tests.multihost_worker import join
 
 def main(process_id: int, num_processes: int, port: int, config_path: str):
     join(process_id, num_processes, port)
-    from train.config import TrainConfig
-    from train.loop import train
+    from jblip.train.config import TrainConfig
+    from jblip.train.loop import train
 
     with open(config_path) as f:
         train(TrainConfig.from_dict(json.load(f)))

@@ -1,12 +1,11 @@
 """A checkpoint that does not fit the model is refused with one error naming every problem."""
-import os
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 import jblip
-from convert.rules import ConversionError
+from jblip.convert.rules import ConversionError
 from jblip.config import ConfigError
 from tests.hf_models import tiny_instructblip
 

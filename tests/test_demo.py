@@ -11,7 +11,7 @@ import pytest
 import jblip
 from jblip.cli import main
 from jblip.pipeline import DEFAULT_MODEL, answer
-from train.synthetic import DEMO_DATA, DEMO_KINDS, samples
+from jblip.train.synthetic import DEMO_DATA, DEMO_KINDS, samples
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 HELD_OUT_SEED = 2024  # the training data uses DEMO_DATA["seed"]

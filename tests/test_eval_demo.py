@@ -12,7 +12,7 @@ import pytest
 import jblip
 from jblip.cli import main
 from jblip.pipeline import DEFAULT_MODEL, answer
-from train.synthetic import DEMO_KINDS, samples
+from jblip.train.synthetic import DEMO_KINDS, samples
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")),
                                 reason="demo model not bundled")

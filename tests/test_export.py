@@ -19,11 +19,11 @@ from jblip.config import preset
 from jblip.generate import generate
 from jblip.model import BlipModel, abstract_params
 from jblip.sampling import SamplerConfig, split
-from train import trainable as tr
-from train.optim import OptimConfig
-from train.build import training_precision
-from train.state import TOWER_DTYPE, Placement, init_state
-from train.step import make_train_step
+from jblip.train import trainable as tr
+from jblip.train.optim import OptimConfig
+from jblip.train.build import training_precision
+from jblip.train.state import TOWER_DTYPE, Placement, init_state
+from jblip.train.step import make_train_step
 
 PRESETS = ("instructblip-vicuna-13b", "instructblip-flan-t5-xxl", "blip2-opt-6.7b")
 PROGRAMS = ("forward", "greedy", "beam", "train")

@@ -9,10 +9,10 @@ import pytest
 import torch
 import transformers
 
-from convert import stacking
-from convert.hf import hf_rules
-from convert.hf_config import hf_config_dict
-from convert.rules import flatten, plan
+from jblip.convert import stacking
+from jblip.convert.hf import hf_rules
+from jblip.convert.hf_config import hf_config_dict
+from jblip.convert.rules import flatten, plan
 from jblip.config import preset
 from jblip.model import abstract_params, count_params
 

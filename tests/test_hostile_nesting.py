@@ -8,9 +8,9 @@ import zipfile
 import pytest
 import torch
 
-from convert.errors import CheckpointError
-from convert.safetensors_reader import SafetensorsFile
-from convert.torch_reader import TorchCheckpoint
+from jblip.convert.errors import CheckpointError
+from jblip.convert.safetensors_reader import SafetensorsFile
+from jblip.convert.torch_reader import TorchCheckpoint
 from jblip.config import ConfigError, from_hf_config
 
 

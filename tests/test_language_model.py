@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import jblip
-from convert.export import export_hf
-from convert.readers import open_checkpoint
-from convert.rules import flatten
+from jblip.convert.export import export_hf
+from jblip.convert.readers import open_checkpoint
+from jblip.convert.rules import flatten
 from jblip import families
 from jblip import language_model as lm
 from jblip.config import LlamaConfig, OPTConfig, T5Config

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import jblip
-from convert.export import export_hf
-from convert.lavis import load_lavis
-from convert.readers import open_checkpoint
-from convert.rules import ConversionError, flatten
+from jblip.convert.export import export_hf
+from jblip.convert.lavis import load_lavis
+from jblip.convert.readers import open_checkpoint
+from jblip.convert.rules import ConversionError, flatten
 from jblip.config import from_hf_config
 from jblip.pretrained import VisionLanguageModel
 from tests.hf_models import (IMAGE_TOKEN, NUM_QUERIES, TINY_T5, max_diff, right_padded_text, tiny_blip2,
@@ -327,7 +327,7 @@ TIED_COPIES = {"language_model.encoder.embed_tokens.weight", "language_model.dec
 @pytest.mark.parametrize("name", ["instructblip-vicuna-7b", "blip2-opt-2.7b", "blip2-flan-t5-xl"])
 def test_export_layout_of_released_checkpoints(name):
     """Export keys and shapes = the HF state dict's, less the tied copies save_pretrained leaves out."""
-    from convert.export import export_layout, param_shapes
+    from jblip.convert.export import export_layout, param_shapes
     from jblip.config import preset
     from tests.test_full_size import hf_key_shapes
     config = preset(name)

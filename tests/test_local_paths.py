@@ -7,7 +7,7 @@ from PIL import Image
 
 from jblip.cli import main
 from jblip.pretrained import is_hub_id
-from train.loop import make_mesh
+from jblip.train.loop import make_mesh
 
 
 @pytest.fixture

@@ -73,10 +73,10 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_two_processes_train_like_one(tmp_path):
-    from train.checkpoint import Checkpointer
-    from train.config import TrainConfig
-    from train.loop import train
-    from train.synthetic import make_dataset
+    from jblip.train.checkpoint import Checkpointer
+    from jblip.train.config import TrainConfig
+    from jblip.train.loop import train
+    from jblip.train.synthetic import make_dataset
 
     data = make_dataset(str(tmp_path / "data"), train=48, eval=8, size=32, seed=0)
     base = dict(model="tiny-instructblip-vicuna", train_data=data["train"], tokenizer=data["tokenizer"],

@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
-from convert import stacking
-from convert.rules import ConversionError, DictSource, convert_params, flatten, plan
-from convert.tables.opt import RULES
+from jblip.convert import stacking
+from jblip.convert.rules import ConversionError, DictSource, convert_params, flatten, plan
+from jblip.convert.tables.opt import RULES
 from jblip.config import PRESETS, from_hf_config
 from jblip.opt import OPTModel
 

@@ -16,12 +16,12 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from convert.errors import CheckpointError, UnsafeCheckpointError
-from convert.readers import open_checkpoint
-from convert.rules import LINEAR, Rule, convert_params
-from convert.safetensors_reader import CheckpointError as SafetensorsCheckpointError
-from convert.safetensors_reader import SafetensorsFile, SafetensorsIndex
-from convert.torch_reader import TorchCheckpoint, TorchIndex
+from jblip.convert.errors import CheckpointError, UnsafeCheckpointError
+from jblip.convert.readers import open_checkpoint
+from jblip.convert.rules import LINEAR, Rule, convert_params
+from jblip.convert.safetensors_reader import CheckpointError as SafetensorsCheckpointError
+from jblip.convert.safetensors_reader import SafetensorsFile, SafetensorsIndex
+from jblip.convert.torch_reader import TorchCheckpoint, TorchIndex
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +95,7 @@ def ckpts(tmp_path_factory):
 READ_ALL = r"""
 import json, sys
 import numpy as np
-from convert.readers import open_checkpoint
+from jblip.convert.readers import open_checkpoint
 jobs, out_dir = json.loads(sys.argv[1]), sys.argv[2]
 report = {}
 for label, path in jobs.items():
@@ -328,7 +328,7 @@ def test_pickle_cannot_tamper_with_stand_ins(tmp_path):
 
 def test_big_endian_storages_are_swapped_bit_exactly():
     import ml_dtypes
-    from convert.tensor_source import bytes_as
+    from jblip.convert.tensor_source import bytes_as
     rng = np.random.default_rng(0)
     for arr in (rng.standard_normal(5).astype(np.float32), rng.standard_normal(5).astype(ml_dtypes.bfloat16),
                 (rng.standard_normal(3) + 1j * rng.standard_normal(3)).astype(np.complex64),

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convert import stacking
-from convert.rules import IDENTITY, LINEAR, ConversionError, DictSource, Rule, convert_params, flatten, plan
+from jblip.convert import stacking
+from jblip.convert.rules import IDENTITY, LINEAR, ConversionError, DictSource, Rule, convert_params, flatten, plan
 
 
 def shapes(tree):

@@ -10,9 +10,9 @@ from transformers import T5Config as HFT5Config
 from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
-from convert import stacking
-from convert.rules import DictSource, convert_params, flatten, plan
-from convert.tables.t5 import RULES, rules_for
+from jblip.convert import stacking
+from jblip.convert.rules import DictSource, convert_params, flatten, plan
+from jblip.convert.tables.t5 import RULES, rules_for
 from jblip.config import PRESETS, T5Config
 from jblip.t5 import T5Model, relative_position_bucket
 

@@ -11,23 +11,23 @@ import pytest
 import torch
 
 import jblip
-from convert.fuse import FuseQVBias
-from convert.hf import hf_rules
-from convert.rules import DictSource, convert_params, flatten
+from jblip.convert.fuse import FuseQVBias
+from jblip.convert.hf import hf_rules
+from jblip.convert.rules import DictSource, convert_params, flatten
 from jblip.config import PRESETS, OPTConfig, T5Config
 from jblip.model import abstract_params
 from tests.hf_models import TINY_T5, tiny_blip2, tiny_instructblip
-from train import trainable as tr
-from train.build import initial_params
-from train.checkpoint import Checkpointer
-from train.config import TrainConfig
-from train.labels import TextLayout, collate, encode_example
-from train.loop import make_mesh, train
-from train.optim import OptimConfig, decays, make_optimizer
-from train.state import Placement, init_state
+from jblip.train import trainable as tr
+from jblip.train.build import initial_params
+from jblip.train.checkpoint import Checkpointer
+from jblip.train.config import TrainConfig
+from jblip.train.labels import TextLayout, collate, encode_example
+from jblip.train.loop import make_mesh, train
+from jblip.train.optim import OptimConfig, decays, make_optimizer
+from jblip.train.state import Placement, init_state
 from jblip.model import BlipModel
-from train.step import forward_loss, loss_and_grads, make_train_step
-from train.synthetic import make_dataset
+from jblip.train.step import forward_loss, loss_and_grads, make_train_step
+from jblip.train.synthetic import make_dataset
 
 TINY = PRESETS["tiny-instructblip-vicuna"]
 OPTIM = OptimConfig(lr=1e-3, warmup_lr=0.0, warmup_steps=2, total_steps=5, clip_norm=1.0)
@@ -305,8 +305,8 @@ def test_demo_stage_one_writes_a_loadable_model_with_a_trained_vit(tmp_path):
     """`jblip train --recipe demo` starts from train.vision_pretrain.initial_model: the ViT
     pretrained alone, the rest random, in HF layout with the synthetic tokenizers."""
     import jblip
-    from train.build import initial_params
-    from train.vision_pretrain import initial_model
+    from jblip.train.build import initial_params
+    from jblip.train.vision_pretrain import initial_model
     config = PRESETS["tiny-instructblip-vicuna"]
     path = initial_model(config, str(tmp_path / "start"), steps=3, log=lambda line: None)
     model = jblip.load_pretrained(path)
@@ -346,7 +346,7 @@ def test_label_layout_decoder_only_and_t5():
 
 
 def test_data_order_is_seeded_resumable_and_split_over_hosts(shapes):
-    from train.data import BatchStream, Encoder, Tokenizer, read_jsonl
+    from jblip.train.data import BatchStream, Encoder, Tokenizer, read_jsonl
     records = read_jsonl(shapes["train"])
     tok = Tokenizer(shapes["tokenizer"])
     encoder = Encoder(TextLayout.for_model(TINY, qformer_cls=4, qformer_sep=5), tok, tok)

@@ -10,14 +10,14 @@ import pytest
 
 from jblip.cli import main
 from jblip.config import PRESETS
-from train.checkpoint import Checkpointer
-from train.cli import _write_once
-from train.config import TrainConfig
-from train.data import BatchStream, DataError, Encoder, Tokenizer, read_jsonl
-from train.finite_steps import TrainingDiverged
-from train.labels import TextLayout
-from train.loop import train
-from train.synthetic import make_dataset
+from jblip.train.checkpoint import Checkpointer
+from jblip.train.cli import _write_once
+from jblip.train.config import TrainConfig
+from jblip.train.data import BatchStream, DataError, Encoder, Tokenizer, read_jsonl
+from jblip.train.finite_steps import TrainingDiverged
+from jblip.train.labels import TextLayout
+from jblip.train.loop import train
+from jblip.train.synthetic import make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -193,9 +193,9 @@ FAILING_RUN = r"""
 import os, sys, shutil
 import jax.numpy as jnp
 from jblip.cli import main
-from train import loop
-from train.checkpoint import Checkpointer
-from train.state import TrainState
+from jblip.train import loop
+from jblip.train.checkpoint import Checkpointer
+from jblip.train.state import TrainState
 
 def train(cfg):  # the real CLI around a run whose checkpoint folder breaks mid-run
     checkpointer = Checkpointer(cfg.checkpoint_dir)

@@ -12,11 +12,11 @@ from transformers import Blip2QFormerConfig, InstructBlipQFormerConfig, Instruct
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel
 from transformers.models.instructblip.modeling_instructblip import InstructBlipQFormerModel, InstructBlipVisionModel
 
-from convert.fuse import FuseQVBias
-from convert.rules import DictSource, Rule, convert_params, flatten, plan
-from convert.stacking import per_layer_specs
-from convert.tables import qformer as qformer_table
-from convert.tables import vision as vision_table
+from jblip.convert.fuse import FuseQVBias
+from jblip.convert.rules import DictSource, Rule, convert_params, flatten, plan
+from jblip.convert.stacking import per_layer_specs
+from jblip.convert.tables import qformer as qformer_table
+from jblip.convert.tables import vision as vision_table
 from jblip.config import TINY_QFORMER, TINY_VISION, QFormerConfig, VisionConfig
 from jblip.qformer import QFormer
 from jblip.vision import VisionTransformer, torch_bicubic_matrix

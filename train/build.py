@@ -16,11 +16,11 @@ import numpy as np
 from jblip import sharding
 from jblip.config import PRESETS, ModelConfig, Precision, from_hf_config, untie_if_present
 from jblip.model import abstract_params
-from train import trainable as tr
-from train.config import TrainConfig
-from train.data import Tokenizer
-from train.labels import TextLayout
-from train.state import TOWER_DTYPE
+from jblip.train import trainable as tr
+from jblip.train.config import TrainConfig
+from jblip.train.data import Tokenizer
+from jblip.train.labels import TextLayout
+from jblip.train.state import TOWER_DTYPE
 
 
 def initial_params(config: ModelConfig, seed: int = 0, std: float = 0.02):
@@ -79,7 +79,7 @@ def load_params(cfg: TrainConfig, mesh, rules=None):
 
 def _place_all(params, config: ModelConfig, mesh, rules):
     """Each leaf onto its mesh slot, zero-padded where the config pads the vocabulary."""
-    from convert.rules import flatten, unflatten
+    from jblip.convert.rules import flatten, unflatten
     targets = flatten(sharding.param_shardings(abstract_params(config, boxed=True), mesh, rules))
     shapes = flatten(abstract_params(config))
     return unflatten({p: sharding.place(np.asarray(x), targets[p], shapes[p].shape)
@@ -87,10 +87,10 @@ def _place_all(params, config: ModelConfig, mesh, rules):
 
 
 def _load_checkpoint(cfg: TrainConfig, mesh, rules, precision):
-    from convert.fuse import FuseQVBias
-    from convert.hf import hf_rules
-    from convert.readers import open_checkpoint
-    from convert.rules import convert_params, flatten
+    from jblip.convert.fuse import FuseQVBias
+    from jblip.convert.hf import hf_rules
+    from jblip.convert.readers import open_checkpoint
+    from jblip.convert.rules import convert_params, flatten
     path = model_dir(cfg)
     config = from_hf_config(path, name=os.path.basename(os.path.normpath(path))).with_precision(precision)
     with open_checkpoint(path) as source:

@@ -21,7 +21,7 @@ import sys
 
 import orbax.checkpoint as ocp
 
-from train.state import TrainState
+from jblip.train.state import TrainState
 
 
 class CheckpointSaveError(OSError):

@@ -17,7 +17,7 @@ import shutil
 import sys
 
 from jblip.config import PRESETS
-from train.config import RECIPES, TrainConfig, read_config_file, recipe
+from jblip.train.config import RECIPES, TrainConfig, read_config_file, recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -116,7 +116,7 @@ def _write_once(target: str, what: str, write, last_file: str) -> None:
 def _demo_inputs(d: dict, output: str) -> None:
     """The demo recipe's generated data and stage-1 model (each written once, atomically) and
     its default checkpoint folder, so an interrupted demo run resumes."""
-    from train.synthetic import DEMO_DATA, make_dataset
+    from jblip.train.synthetic import DEMO_DATA, make_dataset
     base = os.path.abspath(output)
     data_dir = os.path.join(base, "data")
     _write_once(data_dir, "the synthetic shapes dataset", lambda folder: make_dataset(folder, **DEMO_DATA),
@@ -125,7 +125,7 @@ def _demo_inputs(d: dict, output: str) -> None:
              tokenizer=os.path.join(data_dir, "tokenizer"))
     d.setdefault("checkpoint_dir", os.path.join(base, "checkpoints"))
     if d.get("model") in PRESETS:  # stage 1: the ViT alone (train/vision_pretrain.py), then everything
-        from train.vision_pretrain import initial_model
+        from jblip.train.vision_pretrain import initial_model
         start = os.path.join(data_dir, "initial_model")
         log = lambda line: print(f"jblip train: {line}", file=sys.stderr)  # noqa: E731
         _write_once(start, "the stage-1 model (pretrained ViT)",
@@ -144,8 +144,8 @@ def run(args) -> int:
                                        if not cfg.checkpoint_dir else
                                        "checkpoint_every is 0: only the end of the run is checkpointed"),
               file=sys.stderr)
-    from train import loop
-    from train.checkpoint import CheckpointSaveError
+    from jblip.train import loop
+    from jblip.train.checkpoint import CheckpointSaveError
     try:
         result = loop.train(cfg)
     except CheckpointSaveError as e:

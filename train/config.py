@@ -25,8 +25,8 @@ from typing import Any
 from jblip import bounded_json
 from jblip.scan import check_remat
 
-from train import option_checks as check
-from train.optim import OptimConfig
+from jblip.train import option_checks as check
+from jblip.train.optim import OptimConfig
 
 # integer options and their least allowed value
 _INTEGERS = dict(batch_size=1, steps=1, seed=0, init_seed=0, max_input_len=1, max_output_len=1, max_qformer_len=1,

@@ -24,9 +24,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from jblip import bounded_json
-from train import images
-from train.labels import TextLayout, collate, encode_example, encode_prompt
-from train.loss import IGNORE
+from jblip.train import images
+from jblip.train.labels import TextLayout, collate, encode_example, encode_prompt
+from jblip.train.loss import IGNORE
 
 TEXT_KEYS = ("text_input", "text_output")
 ID_KEYS = ("input_ids", "output_ids")

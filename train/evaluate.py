@@ -15,11 +15,11 @@ import numpy as np
 from jblip import sharding
 from jblip.config import ModelConfig
 from jblip.pretrained import VisionLanguageModel
-from train import trainable as tr
-from train.data import Encoder, eval_batches
-from train.labels import TextLayout, collate_prompts
-from train.state import Placement
-from train.step import make_eval_step
+from jblip.train import trainable as tr
+from jblip.train.data import Encoder, eval_batches
+from jblip.train.labels import TextLayout, collate_prompts
+from jblip.train.state import Placement
+from jblip.train.step import make_eval_step
 
 
 def _normalise(text: str) -> str:

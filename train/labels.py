@@ -25,7 +25,7 @@ import numpy as np
 
 from jblip import families
 from jblip.config import ModelConfig
-from train.loss import IGNORE
+from jblip.train.loss import IGNORE
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,17 @@ import time
 import jax
 
 from jblip import sharding
-from train import build
-from train import trainable as tr
-from train.checkpoint import Checkpointer
-from train.config import TrainConfig
-from train.data import BatchStream, Encoder, read_jsonl
-from train.evaluate import Evaluator
-from train.finite_steps import FiniteSteps
-from train.option_checks import writable_dir
-from train.optim import make_optimizer
-from train.state import Placement, init_state
-from train.step import make_train_step
+from jblip.train import build
+from jblip.train import trainable as tr
+from jblip.train.checkpoint import Checkpointer
+from jblip.train.config import TrainConfig
+from jblip.train.data import BatchStream, Encoder, read_jsonl
+from jblip.train.evaluate import Evaluator
+from jblip.train.finite_steps import FiniteSteps
+from jblip.train.option_checks import writable_dir
+from jblip.train.optim import make_optimizer
+from jblip.train.state import Placement, init_state
+from jblip.train.step import make_train_step
 
 
 class JsonlLog:
@@ -247,7 +247,7 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export(cfg: TrainConfig, config, params):
     """The fine-tuned model as a HF-format checkpoint directory (the layout `load_pretrained` reads),
     with the tokenizer / processor files of the base model (or of `cfg.tokenizer`) next to it."""
-    from convert.export import export_hf
+    from jblip.convert.export import export_hf
     if jax.process_index() != 0:
         return
     export_hf(config, cfg.export_dir, params=params, overwrite=True)

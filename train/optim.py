@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import jax
 import optax
 
-from train import option_checks as check
-from train.trainable import map_with_path
+from jblip.train import option_checks as check
+from jblip.train.trainable import map_with_path
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 from jblip import sharding
 from jblip.config import ModelConfig
 from jblip.model import abstract_params
-from train import trainable as tr
-from train.optim import state_shardings
+from jblip.train import trainable as tr
+from jblip.train.optim import state_shardings
 
 
 @flax.struct.dataclass

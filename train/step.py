@@ -20,11 +20,11 @@ import optax
 from jblip import sharding
 from jblip.config import ModelConfig
 from jblip.model import BlipModel
-from train import trainable as tr
-from train.head import scored_logits
-from train.loss import lm_loss, token_nll
-from train.optim import OptimConfig, learning_rate
-from train.state import Placement, TrainState
+from jblip.train import trainable as tr
+from jblip.train.head import scored_logits
+from jblip.train.loss import lm_loss, token_nll
+from jblip.train.optim import OptimConfig, learning_rate
+from jblip.train.state import Placement, TrainState
 
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "qformer_ids", "qformer_mask", "decoder_input_ids")
 

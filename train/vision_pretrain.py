@@ -19,8 +19,8 @@ import optax
 from jblip.config import ModelConfig
 from jblip.image_processing import ImageProcessor
 from jblip.vision import VisionTransformer
-from train import synthetic
-from train.build import initial_params
+from jblip.train import synthetic
+from jblip.train.build import initial_params
 
 # label -> number of classes, for one single-shape scene placed in the left or right half
 CLASSES = {"shape": len(synthetic.SHAPES), "colour": len(synthetic.COLOURS),
@@ -84,7 +84,7 @@ def initial_model(config: ModelConfig, out_dir: str, seed: int = 0, init_std: fl
                   log: Callable[[str], None] = print, steps: int = 800) -> str:
     """A HF-format checkpoint to start the demo from: the pretrained ViT, every other tower random,
     the synthetic data's tokenizers."""
-    from convert.export import export_hf
+    from jblip.convert.export import export_hf
     params = initial_params(config, seed, init_std)
     params["vision"] = pretrain_vision(config, params["vision"], steps=steps, seed=seed, log=log)
     export_hf(config, out_dir, params=params, overwrite=True)

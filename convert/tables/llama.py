@@ -1,5 +1,5 @@
 """HF LlamaForCausalLM keys (relative to `language_model.`) -> jblip/llama.py params."""
-from convert.rules import IDENTITY, LINEAR, LINEAR_HEADS_IN, Rule
+from jblip.convert.rules import IDENTITY, LINEAR, LINEAR_HEADS_IN, Rule
 
 L = r"model\.layers\.(\d+)\."
 T = r"layers_\1/"

@@ -1,5 +1,5 @@
 """HF OPTForCausalLM keys (relative to `language_model.`) -> jblip/opt.py params."""
-from convert.rules import FLAT, IDENTITY, LINEAR, LINEAR_HEADS_IN, Rule
+from jblip.convert.rules import FLAT, IDENTITY, LINEAR, LINEAR_HEADS_IN, Rule
 
 L = r"model\.decoder\.layers\.(\d+)\."
 T = r"layers_\1/"

@@ -3,7 +3,7 @@
 `query_tokens` is a top-level HF key (not under `qformer.`); the composite
 model's table maps it to `qformer/query_tokens`.
 """
-from convert.rules import FLAT, LINEAR, LINEAR_HEADS_IN, Rule
+from jblip.convert.rules import FLAT, LINEAR, LINEAR_HEADS_IN, Rule
 
 _LAYER = r"encoder\.layer\.(\d+)\."
 

@@ -3,7 +3,7 @@
 `RULES` is for Flan-T5 (untied `lm_head`); `rules_for(config)` also covers
 original T5, whose head is the shared embedding (no `lm_head` param).
 """
-from convert.rules import IDENTITY, LINEAR, LINEAR_HEADS_IN, Rule
+from jblip.convert.rules import IDENTITY, LINEAR, LINEAR_HEADS_IN, Rule
 
 ENC = r"encoder\.block\.(\d+)\.layer\."
 DEC = r"decoder\.block\.(\d+)\.layer\."

@@ -4,7 +4,7 @@ Checkpoints with separate `self_attn.q_bias` / `self_attn.v_bias` (early HF
 files, LAVIS) are read through `convert.fuse.FuseQVBias`, which presents them
 as the fused `self_attn.qkv.bias` this table expects.
 """
-from convert.rules import CONV, FLAT, LINEAR, LINEAR_HEADS_IN, Rule, leading_ones
+from jblip.convert.rules import CONV, FLAT, LINEAR, LINEAR_HEADS_IN, Rule, leading_ones
 
 _LAYER = r"encoder\.layers\.(\d+)\."
 

@@ -30,7 +30,7 @@ def _config(model: str | None):
         path = _hub_config_dir(path)  # only a hub id gets there; local paths are refused
     config = from_hf_config(path, name=os.path.basename(os.path.normpath(path)))
     try:
-        from convert.readers import CheckpointError, open_checkpoint
+        from jblip.convert.readers import CheckpointError, open_checkpoint
         with open_checkpoint(path) as source:
             config = untie_if_present(config, source.keys())
     except (CheckpointError, OSError):
