@@ -166,9 +166,9 @@ def main(argv=None):
     import jblip
     from jblip.pipeline import resolve_model
     from jblip.processing import Processor
-    from jblip.pretrained import _resolve_path
+    from jblip.pretrained import resolve_path
 
-    path = _resolve_path(resolve_model(args.model))
+    path = resolve_path(resolve_model(args.model))
     model = jblip.load_pretrained(path)
     processor = Processor.from_pretrained(path)
     model._jblip_processor = processor

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jblip import families, sharding
-from jblip.config import ModelConfig, Precision, from_hf_config, untie_if_present
+from jblip.config import ModelConfig, Precision
 from jblip.generate import GenerateOutput
 from jblip.generate import generate as generate_tokens
 from jblip.model import BlipModel, abstract_params
@@ -283,7 +283,8 @@ def _local_problem(path: str) -> str:
     return f"no checkpoint at {path!r}"
 
 
-def _resolve_path(path_or_id: str) -> str:
+def resolve_path(path_or_id: str) -> str:
+    """A local checkpoint path as it is, or a hub id (`owner/name` naming nothing local) fetched."""
     if os.path.exists(path_or_id):
         return os.fspath(path_or_id)
     if is_hub_id(path_or_id):
@@ -305,53 +306,13 @@ def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
     file into its sharded array as it is read (one host tensor alive at a time;
     every process keeps only the slices its devices hold); the LM vocabulary is
     zero-padded to divide its mesh axes (`sharding.pad_vocab`). `rules` defaults
-    to `sharding.LOGICAL_RULES`.
+    to `sharding.LOGICAL_RULES`. A checkpoint holding NaN/inf weights loads with a
+    `NonFiniteWeightsWarning`.
     """
-    from jblip.convert.fuse import FuseQVBias
-    from jblip.convert.hf import hf_rules
-    from jblip.convert.readers import open_checkpoint
-    from jblip.convert.rules import convert_params, flatten
+    from jblip.convert.load import load_params
 
-    path = _resolve_path(path_or_id)
-    config = from_hf_config(path, name=os.path.basename(os.path.normpath(path)))
-    config = config.with_precision(precision)
-    with open_checkpoint(path) as source:
-        config = untie_if_present(config, source.keys())
-        abstract = abstract_params(config)  # the checkpoint's shapes
-        place = lambda _, x: jnp.asarray(x)
-        if mesh is not None:
-            rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
-            config = sharding.pad_vocab(config, mesh, rules)
-            boxed = _boxed_abstract(config)
-            targets = flatten(sharding.param_shardings(boxed, mesh, rules))
-            shapes = flatten(nn.unbox(boxed))  # padded where the vocab is
-            place = lambda path, x: sharding.place(x, targets[path], shapes[path].shape)
-        watch = NonFiniteWatch(place)
-        params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress)
-    watch.warn(path)
+    path = resolve_path(path_or_id)
+    config, params = load_params(path, precision, mesh, rules, progress=progress)
     return VisionLanguageModel(config, params, path, mesh=mesh, rules=rules)
 
 
-class NonFiniteWeightsWarning(RuntimeWarning):
-    """A loaded checkpoint holds NaN or infinite weights: its outputs will be meaningless."""
-
-
-class NonFiniteWatch:
-    """A `place` function that also notes every tensor holding NaN or inf, on the host copy the
-    loader has anyway (one pass per tensor, nothing kept)."""
-
-    def __init__(self, place):
-        self.place, self.bad = place, []
-
-    def __call__(self, path, x):
-        x = np.asarray(x)
-        if x.dtype.kind in "fcV" and x.size and not np.isfinite(x).all():  # V: bfloat16 / float8 (ml_dtypes)
-            self.bad.append(path)
-        return self.place(path, x)
-
-    def warn(self, where: str):
-        if self.bad:
-            import warnings
-            shown = ", ".join(self.bad[:5]) + (f" and {len(self.bad) - 5} more" if len(self.bad) > 5 else "")
-            warnings.warn(f"{where}: {len(self.bad)} weight tensor(s) hold NaN or infinite values ({shown}); "
-                          "the model's outputs will be meaningless", NonFiniteWeightsWarning, stacklevel=3)

@@ -44,7 +44,7 @@ def test_unknown_config_field_is_refused():
 
 
 def test_non_finite_weights_are_warned_about(tmp_path):
-    from jblip.pretrained import NonFiniteWeightsWarning
+    from jblip.convert.load import NonFiniteWeightsWarning
     tiny_instructblip(tmp_path)
     weights = tmp_path / "model.safetensors"
     tensors = load_file(str(weights))

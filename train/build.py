@@ -3,7 +3,7 @@
 Params are read straight into their training dtypes: the trainable set in
 float32 (master weights), frozen towers in their compute dtype (bf16 for the
 ViT and LM with `precision: bfloat16`), each tensor placed on its mesh slot as
-it is read (`convert_params` with a `place` callback, as `load_pretrained`).
+it is read (`jblip.convert.load.load_params`, the load path `load_pretrained` uses too).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jblip import sharding
-from jblip.config import PRESETS, ModelConfig, Precision, from_hf_config, untie_if_present
+from jblip.config import PRESETS, ModelConfig, Precision
 from jblip.model import abstract_params
 from jblip.train import trainable as tr
 from jblip.train.config import TrainConfig
@@ -87,31 +87,17 @@ def _place_all(params, config: ModelConfig, mesh, rules):
 
 
 def _load_checkpoint(cfg: TrainConfig, mesh, rules, precision):
-    from jblip.convert.fuse import FuseQVBias
-    from jblip.convert.hf import hf_rules
-    from jblip.convert.readers import open_checkpoint
-    from jblip.convert.rules import convert_params, flatten
-    path = model_dir(cfg)
-    config = from_hf_config(path, name=os.path.basename(os.path.normpath(path))).with_precision(precision)
-    with open_checkpoint(path) as source:
-        config = untie_if_present(config, source.keys())
-        checkpoint_shapes = _storage_dtypes(config, cfg.trainable)
-        place = lambda _, x: jnp.asarray(x)
-        if mesh is not None:
-            config = sharding.pad_vocab(config, mesh, rules)
-            targets = flatten(sharding.param_shardings(abstract_params(config, boxed=True), mesh, rules))
-            shapes = flatten(abstract_params(config))
-            place = lambda p, x: sharding.place(x, targets[p], shapes[p].shape)
-        params = convert_params(FuseQVBias(source), hf_rules(config), checkpoint_shapes, place=place)
-    return config, params
+    from jblip.convert.load import load_params
+    return load_params(model_dir(cfg), precision, mesh, rules,
+                       storage=lambda config: _storage_dtypes(config, cfg.trainable))
 
 
 def model_dir(cfg: TrainConfig) -> str | None:
     """The local checkpoint directory (hub ids are fetched), None for a preset."""
     if cfg.model in PRESETS:
         return None
-    from jblip.pretrained import _resolve_path
-    return _resolve_path(cfg.model)
+    from jblip.pretrained import resolve_path
+    return resolve_path(cfg.model)
 
 
 def load_tokenizers(cfg: TrainConfig, config: ModelConfig):

@@ -55,8 +55,8 @@ def decoding_options(args) -> dict:
 def checkpoint_path(args) -> str:
     """Local directory of --model (the demo model when absent; a hub id is downloaded)."""
     from jblip.pipeline import resolve_model
-    from jblip.pretrained import _resolve_path
-    return _resolve_path(resolve_model(args.model))
+    from jblip.pretrained import resolve_path
+    return resolve_path(resolve_model(args.model))
 
 
 def enable_compilation_cache():

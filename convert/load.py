@@ -1,0 +1,75 @@
+"""The one load path: a HF-format checkpoint directory -> (config, params placed on a mesh).
+
+`jblip.load_pretrained` (inference) and `jblip.train.build` (fine-tuning, with its own
+storage dtypes per tower) both read checkpoints through `load_params`.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from jblip import sharding
+from jblip.config import ModelConfig, Precision, from_hf_config, untie_if_present
+from jblip.convert.fuse import FuseQVBias
+from jblip.convert.hf import hf_rules
+from jblip.convert.readers import open_checkpoint
+from jblip.convert.rules import convert_params, flatten
+from jblip.model import abstract_params
+
+
+class NonFiniteWeightsWarning(RuntimeWarning):
+    """A loaded checkpoint holds NaN or infinite weights: its outputs will be meaningless."""
+
+
+class NonFiniteWatch:
+    """A `place` function that also notes every tensor holding NaN or inf, on the host copy the
+    loader has anyway (one pass per tensor, nothing kept)."""
+
+    def __init__(self, place):
+        self.place, self.bad = place, []
+
+    def __call__(self, path, x):
+        x = np.asarray(x)
+        if x.dtype.kind in "fcV" and x.size and not np.isfinite(x).all():  # V: bfloat16 / float8 (ml_dtypes)
+            self.bad.append(path)
+        return self.place(path, x)
+
+    def warn(self, where: str):
+        if self.bad:
+            shown = ", ".join(self.bad[:5]) + (f" and {len(self.bad) - 5} more" if len(self.bad) > 5 else "")
+            warnings.warn(f"{where}: {len(self.bad)} weight tensor(s) hold NaN or infinite values ({shown}); "
+                          "the model's outputs will be meaningless", NonFiniteWeightsWarning, stacklevel=4)
+
+
+def load_params(path: str, precision: Precision | str = "float32", mesh=None, rules=None,
+                storage: Callable[[ModelConfig], dict] | None = None,
+                progress: Callable[[int, int, str], None] | None = None) -> tuple[ModelConfig, dict]:
+    """Read the checkpoint at `path` (a local directory) into params.
+
+    With a `mesh`, each tensor goes straight from the file into its sharded array as it is
+    read (one host tensor, or one stacked param, alive at a time; every process keeps only the
+    slices its devices hold) and the LM vocabulary is zero-padded to divide its mesh axes.
+    `storage(config)` gives the abstract params (shapes and the dtype each leaf is stored in);
+    default: the config's param dtype. Returns (config, params), the config vocab-padded as placed.
+    """
+    config = from_hf_config(path, name=os.path.basename(os.path.normpath(path))).with_precision(precision)
+    with open_checkpoint(path) as source:
+        config = untie_if_present(config, source.keys())
+        abstract = (storage or abstract_params)(config)  # the checkpoint's shapes
+        place = lambda _, x: jnp.asarray(x)
+        if mesh is not None:
+            rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
+            config = sharding.pad_vocab(config, mesh, rules)
+            boxed = abstract_params(config, boxed=True)
+            targets = flatten(sharding.param_shardings(boxed, mesh, rules))
+            shapes = flatten(nn.unbox(boxed))  # padded where the vocab is
+            place = lambda p, x: sharding.place(x, targets[p], shapes[p].shape)
+        watch = NonFiniteWatch(place)
+        params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress)
+    watch.warn(path)
+    return config, params
