@@ -313,8 +313,7 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
     if model_type not in ("instructblip", "blip-2", "blip_2", "blip2"):
         raise ConfigError(f"unknown model family {model_type!r}: expected an InstructBLIP or BLIP-2 config.json")
     instruct = model_type == "instructblip"
-    tcfg = _section(cfg, "text_config")
-    family = _text_family(tcfg)
+    text = text_config_from_hf(_section(cfg, "text_config"))
     vcfg, qcfg = _section(cfg, "vision_config"), _section(cfg, "qformer_config", required=False)
 
     vision = VisionConfig(**checked_fields(VisionConfig, _pick(vcfg, _VISION_KEYS, None), "vision_config",
@@ -327,6 +326,19 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
     q.setdefault("use_text_input", instruct)
     qformer = QFormerConfig(**q)
 
+    top = checked_fields(ModelConfig, _pick(cfg, _TOP_KEYS, None), "", _TOP_KEYS)
+    if "image_token_index" not in top and cfg.get("image_token_id") is not None:
+        top = checked_fields(ModelConfig, dict(image_token_index=cfg["image_token_id"]), "",
+                             dict(image_token_index="image_token_id"))
+    config = ModelConfig(vision=vision, qformer=qformer, text=text, name=name, **top)
+    check_shapes(config)
+    return config
+
+
+def text_config_from_hf(tcfg: dict) -> TextConfig:
+    """The language model's config from a HF `text_config` (LLaMA, OPT or T5) alone; also for an
+    LM used without the image towers (e.g. OPT-350m's narrow embeddings, which BLIP-2 refuses)."""
+    family = _text_family(tcfg)
     if family == "llama":
         t = checked_fields(LlamaConfig, _pick(tcfg, _LLAMA_KEYS, None), "text_config", _LLAMA_KEYS)
         rope = tcfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta in here
@@ -357,14 +369,7 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
         text = OPTConfig(**t)
         if "word_embed_proj_dim" not in tcfg:
             text = replace(text, word_embed_proj_dim=text.hidden_size)
-
-    top = checked_fields(ModelConfig, _pick(cfg, _TOP_KEYS, None), "", _TOP_KEYS)
-    if "image_token_index" not in top and cfg.get("image_token_id") is not None:
-        top = checked_fields(ModelConfig, dict(image_token_index=cfg["image_token_id"]), "",
-                             dict(image_token_index="image_token_id"))
-    config = ModelConfig(vision=vision, qformer=qformer, text=text, name=name, **top)
-    check_shapes(config)
-    return config
+    return text
 
 
 _TOP_KEYS = dict(num_query_tokens="num_query_tokens", image_token_index="image_token_index")

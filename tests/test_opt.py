@@ -11,7 +11,7 @@ import transformers
 from jblip.convert import stacking
 from jblip.convert.rules import ConversionError, DictSource, convert_params, flatten, plan
 from jblip.convert.tables.opt import RULES
-from jblip.config import PRESETS, from_hf_config
+from jblip.config import PRESETS, text_config_from_hf
 from jblip.opt import OPTModel
 
 
@@ -31,9 +31,8 @@ def hf_opt(word_embed_proj_dim=40, pre_ln=True, seed=0):
 
 
 def to_jax(hf_model, **batch_shape):
-    """jblip config (through from_hf_config), module and converted params of a HF OPT model."""
-    text = from_hf_config({"model_type": "blip-2", "vision_config": {}, "qformer_config": {},
-                           "text_config": hf_model.config.to_dict()}).text
+    """jblip config (through text_config_from_hf), module and converted params of a HF OPT model."""
+    text = text_config_from_hf(hf_model.config.to_dict())
     module = OPTModel(text)
     abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 2, text.word_embed_proj_dim)),
                                        jnp.ones((1, 2), jnp.int32))["params"])
