@@ -99,7 +99,20 @@ def tied_logits(x, embedding, dtype):
     return jnp.einsum("...D,VD->...V", x.astype(dtype), embedding.astype(dtype), preferred_element_type=jnp.float32)
 
 
-class DecoderOnlyLM(nn.Module):
+class LanguageModel(nn.Module):
+    """What every family's module shares: the full forward from `hidden` and `head`."""
+
+    def __call__(self, embeds, mask, decoder_ids=None, return_hidden: bool = False):
+        """Full forward (training, tests): fp32 logits [B,T,V] (and the hidden states)."""
+        hidden = self.hidden(embeds, mask, decoder_ids)
+        logits = self.head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def forward_ids(self, ids, mask, decoder_ids=None):
+        return self(self.embed(ids), mask, decoder_ids)
+
+
+class DecoderOnlyLM(LanguageModel):
     """The contract for decoder-only models, given the family's `embed`, `head` and
     `decode(embeds, positions, key_mask, cache, slot) -> (hidden after the final norm, cache)`.
 
@@ -107,14 +120,6 @@ class DecoderOnlyLM(nn.Module):
     `key_mask` marks; left padding thus only costs masked slots. Without a cache
     the keys are the T inputs themselves.
     """
-
-    def __call__(self, embeds, mask, decoder_ids=None, return_hidden: bool = False):
-        hidden = self.hidden(embeds, mask, decoder_ids)
-        logits = self.head(hidden)
-        return (logits, hidden) if return_hidden else logits
-
-    def forward_ids(self, ids, mask, decoder_ids=None):
-        return self(self.embed(ids), mask, decoder_ids)
 
     def hidden(self, embeds, mask, decoder_ids=None):
         if decoder_ids is not None:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jblip import kv_cache
 from jblip.config import T5Config
-from jblip.language_model import LMHead, LMState, tied_logits
+from jblip.language_model import LanguageModel, LMHead, LMState, tied_logits
 from jblip.layers import (Embed, LayerNorm, Linear, activation, attention, causal_bias,
                           init_normal, key_padding_bias, logical_param)
 from jblip.scan import stack
@@ -226,7 +226,7 @@ class T5Decoder(nn.Module):
         return self.final_norm(x), cache, (cross if cross is not None else new_cross)
 
 
-class T5Model(nn.Module):
+class T5Model(LanguageModel):
     """Flan-T5 LM implementing `jblip.language_model`'s contract; also `encode` and `decode`."""
     config: T5Config
     dtype: Dtype = jnp.float32
@@ -296,15 +296,6 @@ class T5Model(nn.Module):
                              f"{self.config.decoder_start_token_id})")
         hidden, _, _ = self.decode(decoder_ids, mask, enc_out=self.encode(embeds, mask))
         return hidden
-
-    def __call__(self, embeds, mask, decoder_ids=None, return_hidden: bool = False):
-        """Full forward (training, tests): decoder logits fp32 [B,T,V] (and the hidden states)."""
-        hidden = self.hidden(embeds, mask, decoder_ids)
-        logits = self.head(hidden)
-        return (logits, hidden) if return_hidden else logits
-
-    def forward_ids(self, ids, mask, decoder_ids=None):
-        return self(self.embed(ids), mask, decoder_ids)
 
     def cache_length(self, prompt_len: int, max_new: int) -> int:
         return max_new + 1  # the start token, then every generated token but the last
