@@ -18,7 +18,6 @@ import time
 import numpy as np
 
 from jblip.serve.engine import Engine, EngineRequest, Failed, Finished, Tokens
-from jblip.serve.errors import QueueFull, ShuttingDown
 
 
 PER_ROW = ("temperature", "top_k", "top_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
@@ -94,20 +93,11 @@ class BatchingEngine(Engine):
         self._thread.start()
 
     def submit(self, request: EngineRequest):
-        with self._cond:
-            if self._closing:
-                raise ShuttingDown()
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(self.max_queue)
-            self._waiting.append(request)
-            self._cond.notify()
+        self._enqueue(request)
 
     def cancel(self, request_id: str):
         with self._cond:
-            for r in list(self._waiting):
-                if r.id == request_id:
-                    self._waiting.remove(r)
-                    r.cancelled.set()
+            self._drop_waiting(request_id)
             if request_id in self._running:
                 self._running[request_id].cancelled.set()  # its results are dropped when the batch ends
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from jblip.serve.errors import QueueFull, ShuttingDown
 from jblip.serve.options import Decoding
 
 
@@ -90,3 +91,20 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def active_slots(self) -> int:
         """Rows (answers) being decoded right now."""
+
+    # Shared by the implementations, which keep `_cond`, `_waiting`, `_closing` and `max_queue`.
+    def _enqueue(self, request: EngineRequest) -> None:
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown()
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def _drop_waiting(self, request_id: str) -> None:
+        """Cancel a request that is still waiting (call with `_cond` held)."""
+        for r in list(self._waiting):
+            if r.id == request_id:
+                self._waiting.remove(r)
+                r.cancelled.set()

@@ -24,7 +24,6 @@ from typing import Protocol
 import numpy as np
 
 from jblip.serve.engine import Engine, EngineRequest, Failed, Finished, Tokens
-from jblip.serve.errors import QueueFull, ShuttingDown
 
 
 class SlotProgram(Protocol):
@@ -76,22 +75,13 @@ class SlotEngine(Engine):
             return self.fallback.submit(request)
         if self.program.num_slots < request.decoding.n:
             raise ValueError(f"n={request.decoding.n} is more than the engine's {self.program.num_slots} slots")
-        with self._cond:
-            if self._closing:
-                raise ShuttingDown()
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(self.max_queue)
-            self._waiting.append(request)
-            self._cond.notify()
+        self._enqueue(request)
 
     def cancel(self, request_id: str):
         if self.fallback is not None:
             self.fallback.cancel(request_id)
         with self._cond:
-            for r in list(self._waiting):
-                if r.id == request_id:
-                    self._waiting.remove(r)
-                    r.cancelled.set()
+            self._drop_waiting(request_id)
             for slot, answer in list(self._slots.items()):
                 if answer.request.id == request_id:
                     answer.request.cancelled.set()
