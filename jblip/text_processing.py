@@ -67,11 +67,17 @@ class TextTokenizer:
     def __len__(self):
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self)
+
     @classmethod
     def from_dir(cls, directory: str, what: str = "tokenizer") -> "TextTokenizer":
-        file = os.path.join(directory, "tokenizer.json")
+        """From a folder holding tokenizer.json (and its config files), or from a tokenizer.json path."""
+        file = directory if directory.endswith(".json") else os.path.join(directory, "tokenizer.json")
+        directory = os.path.dirname(file)
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"no tokenizer.json in {directory} ({what}); save the checkpoint's "
+            raise FileNotFoundError(f"no tokenizer.json in {directory or '.'} ({what}); save the checkpoint's "
                                     "processor with transformers' save_pretrained, which writes it")
         try:
             tokenizer = Tokenizer.from_file(file)
@@ -113,6 +119,10 @@ class TextTokenizer:
         """Token ids with special tokens, each sequence cut from the left to `max_length` (specials kept)."""
         with self._truncating(max_length):
             return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=True)]
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of one text without special tokens (training lays out BOS/EOS itself)."""
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         """Text with special tokens removed and surrounding whitespace stripped (as LAVIS does)."""

@@ -1,6 +1,7 @@
 """Processing equals HF's: pixels (PIL image processor), token ids and masks (InstructBLIP / BLIP-2
 processors), and end-to-end text (HF generate + decode); bad input fails with one clear line."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -177,6 +178,23 @@ def test_hub_style_llama_tokenizer_file_tokenizes_like_transformers(tmp_path, le
     assert ours.encode(texts) == ref(texts)["input_ids"]
     assert [ours.decode(ids) for ids in ours.encode(texts)] == [
         ref.decode(ids, skip_special_tokens=True).strip() for ids in ref(texts)["input_ids"]]
+
+
+def test_training_encodes_with_the_same_tokenizer_as_inference(tmp_path):
+    """One tokenizer wrapper: the training data encoder reads a hub-style LLaMA file through the
+    same pipeline fix as inference, so its ids (without specials) equal transformers'."""
+    from transformers import AutoTokenizer
+    from jblip.train.data import Encoder
+    from jblip.train.labels import TextLayout
+    from jblip.text_processing import TextTokenizer
+    path = hub_style_llama_file(tmp_path / "tok", legacy=False)
+    ref = AutoTokenizer.from_pretrained(path)
+    tok = TextTokenizer.from_dir(os.path.join(path, "tokenizer.json"))  # a file path works too
+    encoder = Encoder(TextLayout(family="llama", num_queries=4, image_token=None, bos=1, eos=2, pad=0,
+                                    use_qformer_text=False), tok, None)
+    for text in ("What colour is the circle?", "  two spaces first", " </s>x"):
+        expected = ref(text, add_special_tokens=False)["input_ids"]
+        assert encoder.instruction({"text_input": text}) == expected, text
 
 
 def hub_style_t5_file(directory, old_metaspace: bool):

@@ -346,9 +346,10 @@ def test_label_layout_decoder_only_and_t5():
 
 
 def test_data_order_is_seeded_resumable_and_split_over_hosts(shapes):
-    from jblip.train.data import BatchStream, Encoder, Tokenizer, read_jsonl
+    from jblip.train.data import BatchStream, Encoder, read_jsonl
+    from jblip.text_processing import TextTokenizer
     records = read_jsonl(shapes["train"])
-    tok = Tokenizer(shapes["tokenizer"])
+    tok = TextTokenizer.from_dir(shapes["tokenizer"])
     encoder = Encoder(TextLayout.for_model(TINY, qformer_cls=4, qformer_sep=5), tok, tok)
     stream = lambda **kw: BatchStream(records, encoder, 8, 28, seed=3, workers=1, **kw)
     one = stream(process_index=0, process_count=1)

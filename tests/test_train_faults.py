@@ -13,7 +13,8 @@ from jblip.config import PRESETS
 from jblip.train.checkpoint import Checkpointer
 from jblip.train.cli import _write_once
 from jblip.train.config import TrainConfig
-from jblip.train.data import BatchStream, DataError, Encoder, Tokenizer, read_jsonl
+from jblip.text_processing import TextTokenizer
+from jblip.train.data import BatchStream, DataError, Encoder, read_jsonl
 from jblip.train.finite_steps import TrainingDiverged
 from jblip.train.labels import TextLayout
 from jblip.train.loop import train
@@ -105,7 +106,7 @@ def test_an_image_that_fails_to_decode_is_skipped_and_counted(shapes, tmp_path, 
         broken = tmp_path / "broken.png"
         broken.write_bytes(f.read()[:40])  # truncated: exists, but does not decode
     records[3] = dict(records[3], image=str(broken))
-    tok = Tokenizer(shapes["tokenizer"])
+    tok = TextTokenizer.from_dir(shapes["tokenizer"])
     encoder = Encoder(TextLayout.for_model(PRESETS["tiny-instructblip-vicuna"], qformer_cls=4, qformer_sep=5), tok, tok)
     stream = lambda: BatchStream(records, encoder, 4, 28, shuffle=False, train=False, workers=1)  # noqa: E731
     first = stream()

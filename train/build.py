@@ -18,7 +18,7 @@ from jblip.config import PRESETS, ModelConfig, Precision
 from jblip.model import abstract_params
 from jblip.train import trainable as tr
 from jblip.train.config import TrainConfig
-from jblip.train.data import Tokenizer
+from jblip.text_processing import TextTokenizer
 from jblip.train.labels import TextLayout
 from jblip.train.state import TOWER_DTYPE
 
@@ -107,7 +107,7 @@ def load_tokenizers(cfg: TrainConfig, config: ModelConfig):
         if path is None:
             return None
         file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
-        return Tokenizer(file) if os.path.isfile(file) else None
+        return TextTokenizer.from_dir(file) if os.path.isfile(file) else None
     base = model_dir(cfg)
     lm = find(cfg.tokenizer) or find(base)
     if cfg.tokenizer and lm is None:
@@ -130,7 +130,7 @@ def load_tokenizers(cfg: TrainConfig, config: ModelConfig):
     return lm, qf
 
 
-def text_layout(cfg: TrainConfig, config: ModelConfig, qformer_tokenizer: Tokenizer | None) -> TextLayout:
+def text_layout(cfg: TrainConfig, config: ModelConfig, qformer_tokenizer: TextTokenizer | None) -> TextLayout:
     """Token layout for this model; the Q-Former's [CLS]/[SEP] ids from its tokenizer when it has them."""
     special = {}
     if qformer_tokenizer is not None:

@@ -19,11 +19,12 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 
 from jblip import bounded_json
+from jblip.text_processing import TextTokenizer
 from jblip.train import images
 from jblip.train.labels import TextLayout, collate, encode_example, encode_prompt
 from jblip.train.loss import IGNORE
@@ -89,51 +90,19 @@ def read_jsonl(path: str, image_root: str | None = None) -> list[dict]:
     return records
 
 
-class Tokenizer:
-    """A `tokenizers` tokenizer.json; encode without special tokens (the layout adds them)."""
-
-    def __init__(self, path: str):
-        from tokenizers import Tokenizer as HFTokenizer
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer.json at {path}")
-        self.tok = HFTokenizer.from_file(path)
-        self.path = path
-
-    @classmethod
-    def wrap(cls, tok) -> "Tokenizer":
-        self = cls.__new__(cls)
-        self.tok, self.path = tok, None
-        return self
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
-
-    def token_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
-
-
 @dataclass
 class Encoder:
     """Record -> token lists (LLM and Q-Former tokenizers; or ids from the record)."""
     layout: TextLayout
-    tokenizer: Tokenizer | None = None
-    qformer_tokenizer: Tokenizer | None = None
+    tokenizer: TextTokenizer | None = None
+    qformer_tokenizer: TextTokenizer | None = None
 
     def _ids(self, rec: dict, text_key: str, id_key: str, tok) -> list[int]:
         if id_key in rec:
             return list(rec[id_key])
         if tok is None:
             raise DataError(f"record has text but no tokenizer was given (or give token ids {ID_KEYS})")
-        return tok.encode(rec[text_key])
+        return tok.encode_plain(rec[text_key])
 
     def instruction(self, rec):
         return self._ids(rec, "text_input", "input_ids", self.tokenizer)
