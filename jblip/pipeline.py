@@ -81,7 +81,7 @@ def answer(model, images: ImageLike | Sequence[ImageLike], prompts: str | Sequen
     (e.g. max_new_tokens=20, num_beams=5, do_sample=True, top_p=0.9). Prompts longer than
     `max_length` tokens are cut from the left, or rejected with truncation=False."""
     processor = processor or processor_for(model)
-    inputs = processor(images, prompts, max_length=max_length, truncation=truncation)
     cfg = sampler_for(model, preset, sampler, **options)
+    inputs = processor(images, prompts, max_length=max_length, truncation=truncation, new_tokens=cfg.max_new_tokens)
     output = model.generate(**inputs, sampler=cfg, seed=seed)
     return processor.decode(output)

@@ -80,19 +80,20 @@ class Processor:
                              f"image_token_index={expected}; tokenizer and checkpoint do not belong together")
 
     # ------------------------------------------------------------------ limits
-    def limits(self, max_length: int | None) -> tuple[int | None, int | None]:
-        """(language-model prompt limit, Q-Former text limit) in tokens."""
+    def limits(self, max_length: int | None, new_tokens: int = 0) -> tuple[int | None, int | None]:
+        """(language-model prompt limit, Q-Former text limit) in tokens. A decoder-only LM's
+        positions hold the queries, the prompt and the `new_tokens` still to be generated."""
         text_limit = max_length
         model_positions = getattr(self.config.text, "max_position_embeddings", None)
         if model_positions is not None and families.family(self.config).prompt_uses_positions:
-            room = model_positions - self.config.num_query_tokens
+            room = model_positions - self.config.num_query_tokens - new_tokens
             text_limit = room if text_limit is None else min(text_limit, room)
         q_limit = self.config.qformer.max_position_embeddings
         q_limit = q_limit if max_length is None else min(max_length, q_limit)
         return text_limit, q_limit
 
     def _encode(self, tokenizer: TextTokenizer, prompts: list[str], limit: int | None, truncation: bool,
-                what: str, max_length: int | None) -> list[list[int]]:
+                what: str, max_length: int | None, new_tokens: int = 0) -> list[list[int]]:
         ids = tokenizer.encode(prompts)
         too_long = [i for i, row in enumerate(ids) if limit is not None and len(row) > limit]
         if not too_long:
@@ -100,11 +101,15 @@ class Processor:
         if not truncation:
             i = too_long[0]
             by_model = max_length is None or limit < max_length
-            cause = "the model allows" if by_model else f"max_length={max_length} allows"
+            cause = f"max_length={max_length} allows"
+            if by_model:
+                cause = f"the model allows with max_new_tokens={new_tokens}" if new_tokens else "the model allows"
             raise PromptError(f"prompt {i} is {len(ids[i])} {what} tokens long, more than the {limit} {cause}; "
                               "shorten it, or allow truncation (which keeps its end)")
         if limit <= tokenizer.num_special_tokens:
-            raise PromptError(f"max_length {limit} leaves no room for text after the special tokens")
+            because = f" (the model's positions less max_new_tokens={new_tokens})" if new_tokens else ""
+            raise PromptError(f"a prompt limit of {limit} tokens{because} leaves no room for text after the "
+                              "special tokens; ask for fewer new tokens or a shorter prompt")
         return tokenizer.encode(prompts, max_length=limit)
 
     # ------------------------------------------------------------------ text
@@ -125,13 +130,15 @@ class Processor:
         return prompts
 
     def text_inputs(self, prompts: str | Sequence[str], batch: int | None = None,
-                    max_length: int | None | str = "default", truncation: bool | None = None) -> dict:
-        """input_ids / attention_mask (+ qformer_input_ids / qformer_attention_mask), int32 numpy."""
+                    max_length: int | None | str = "default", truncation: bool | None = None,
+                    new_tokens: int = 0) -> dict:
+        """input_ids / attention_mask (+ qformer_input_ids / qformer_attention_mask), int32 numpy.
+        `new_tokens`: how many tokens will be generated after the prompt (room kept for them)."""
         prompts = self._prompts(prompts, batch)
         max_length = self.max_length if max_length == "default" else max_length
         truncation = self.truncation if truncation is None else truncation
-        text_limit, q_limit = self.limits(max_length)
-        ids = self._encode(self.tokenizer, prompts, text_limit, truncation, "language-model", max_length)
+        text_limit, q_limit = self.limits(max_length, new_tokens)
+        ids = self._encode(self.tokenizer, prompts, text_limit, truncation, "language-model", max_length, new_tokens)
         out = self._layout(ids)
         if self.qformer_tokenizer is not None:
             q_ids = self._encode(self.qformer_tokenizer, prompts, q_limit, truncation, "Q-Former", max_length)
@@ -153,11 +160,12 @@ class Processor:
 
     # ------------------------------------------------------------------ all together
     def __call__(self, images: ImageLike | Sequence[ImageLike], prompts: str | Sequence[str],
-                 max_length: int | None | str = "default", truncation: bool | None = None) -> dict:
+                 max_length: int | None | str = "default", truncation: bool | None = None,
+                 new_tokens: int = 0) -> dict:
         """pixel_values [B, S, S, 3] float32, input_ids, attention_mask, qformer_input_ids,
         qformer_attention_mask: keyword arguments for `VisionLanguageModel.generate`."""
         pixels = self.image_processor(images)
-        inputs = self.text_inputs(prompts, pixels.shape[0], max_length, truncation)
+        inputs = self.text_inputs(prompts, pixels.shape[0], max_length, truncation, new_tokens)
         return dict(pixel_values=pixels, **inputs)
 
     def decode(self, tokens, lengths=None) -> list[str]:

@@ -129,7 +129,7 @@ def test_bad_input_gives_one_line_errors(checkpoint, tmp_path, capsys):
     assert "empty" in error_line(capsys, "generate")
     long = "What colour is the circle? " * 20
     assert main(["generate", "--model", path, "--image", image, "--prompt", long, "--no-truncation"]) == 2
-    assert "more than the 122 the model allows" in error_line(capsys, "generate")
+    assert "more than the 92 the model allows with max_new_tokens=30" in error_line(capsys, "generate")
     assert main(["generate", "--model", str(tmp_path), "--image", image, "--prompt", "hi"]) == 2
     assert "no config.json" in error_line(capsys, "generate")
     empty = tmp_path / "empty"

@@ -73,3 +73,18 @@ def test_examples_through_the_cli(capsys, private_xla_cache):
     for (image, question, expected), text in zip(rows, got):
         print(f"{image} | {question} -> {text}")
     assert got == [expected for _, _, expected in rows]
+
+
+def test_a_long_prompt_keeps_room_for_the_new_tokens(capsys, private_xla_cache):
+    """The demo LM has 64 positions (8 queries): a 200-token prompt is cut to what is left after
+    the queries and max_new_tokens, keeping its end, and answered (the demo model never saw
+    prompts that long, so what it answers is not checked)."""
+    image = os.path.join(EXAMPLES, "red_circle.png")
+    question = "what " * 200 + "What colour is the circle?"
+    for new_tokens, kept in (("4", 52), ("30", 26)):
+        assert main(["generate", "--image", image, "--prompt", question, "--max-new-tokens", new_tokens]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.strip()
+        assert f"cut to {kept} keeping its end" in captured.err
+    assert main(["generate", "--image", image, "--prompt", question, "--max-new-tokens", "60"]) == 2
+    assert "max_new_tokens=60" in capsys.readouterr().err

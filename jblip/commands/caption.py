@@ -21,7 +21,7 @@ import numpy as np
 
 from jblip.commands.caption_output import CaptionOutput, image_key
 from jblip.commands.common import (add_decoding_arguments, add_model_arguments, checkpoint_path, decoding_options,
-                                   load_model)
+                                   load_model, planned_new_tokens)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_PROMPTS = {"instructblip": "A short image description:", "blip2": ""}  # LAVIS captioning prompts
@@ -111,7 +111,8 @@ def _run(args, paths: list[str], out: CaptionOutput) -> int:
     prompt = DEFAULT_PROMPTS[processor.config.model_type] if args.prompt is None else args.prompt
     options = decoding_options(args)
     # the same prompt for every image: its token ids are built once, for a full batch
-    text = processor.text_inputs(prompt, args.batch_size, options.pop("max_length"), options.pop("truncation"))
+    text = processor.text_inputs(prompt, args.batch_size, options.pop("max_length"), options.pop("truncation"),
+                                 planned_new_tokens(options))
     progress = Progress(len(todo), len(paths) - len(todo))
     if not todo:
         print(f"caption: all {len(paths)} images are already in {args.out}", file=sys.stderr)

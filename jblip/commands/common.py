@@ -52,6 +52,11 @@ def decoding_options(args) -> dict:
     return options
 
 
+def planned_new_tokens(options: dict) -> int:
+    """The max_new_tokens that `decoding_options` will decode with (the preset's unless given)."""
+    return options.get("max_new_tokens", PRESETS[options.get("preset") or "greedy"].max_new_tokens)
+
+
 def checkpoint_path(args) -> str:
     """Local directory of --model (the demo model when absent; a hub id is downloaded)."""
     from jblip.pipeline import resolve_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from jblip.commands.common import (add_decoding_arguments, add_model_arguments, checkpoint_path, decoding_options,
-                                   load_model)
+                                   load_model, planned_new_tokens)
 
 
 def add_arguments(parser):
@@ -25,8 +25,9 @@ def run(args) -> int:
     path = checkpoint_path(args)
     processor = Processor.from_pretrained(path)
     options = decoding_options(args)
-    processor.text_inputs(args.prompt, 1, options["max_length"], options["truncation"])
-    limit, _ = processor.limits(options["max_length"])
+    new_tokens = planned_new_tokens(options)
+    processor.text_inputs(args.prompt, 1, options["max_length"], options["truncation"], new_tokens)
+    limit, _ = processor.limits(options["max_length"], new_tokens)
     length = len(processor.tokenizer.encode([args.prompt])[0])
     if limit is not None and length > limit:
         print(f"generate: note: the prompt is {length} tokens, cut to {limit} keeping its end "
