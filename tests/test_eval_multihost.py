@@ -66,6 +66,7 @@ def records(out) -> list[tuple[str, str]]:
         return [(r["key"], r["answer"]) for r in map(json.loads, f)]
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_like_one_and_resume(tmp_path, capsys, private_xla_cache):
     data = write_vqav2(str(tmp_path / "data"))
     truth = data[1]

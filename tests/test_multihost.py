@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 import jblip
 from tests.hf_models import TINY_LLAMA, max_diff, tiny_instructblip
@@ -72,6 +73,7 @@ def test_two_processes_match_one(tmp_path):
         assert got["logits"].shape == reference.shape and delta <= 1e-5
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     from jblip.train.checkpoint import Checkpointer
     from jblip.train.config import TrainConfig

@@ -286,6 +286,7 @@ def test_killed_and_resumed_run_is_bitwise_equal(shapes, tmp_path):
     assert os.path.isfile(os.path.join(export_dir, "qformer_tokenizer", "tokenizer.json"))
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_colours(shapes, tmp_path):
     """Held-out exact match rises from chance to >= 90% (greedy generation through the eval loop)."""
     cfg = TrainConfig.from_dict(dict(

@@ -61,6 +61,17 @@ def test_out_of_range_options_are_one_line(shapes, tmp_path, capsys, option, mes
     assert message in error_line(capsys)
 
 
+@pytest.mark.parametrize("option, message", [
+    ("demo_data={trian: 5}", "demo_data.trian is not an option; known: ['eval', 'train']"),
+    ("demo_data={train: 0}", "demo_data.train must be a whole number >= 1, got 0"),
+    ("demo_vision_pretrain=3", "demo_vision_pretrain must be a mapping of ['scenes', 'steps'], got 3"),
+])
+def test_bad_demo_sizes_are_one_line_before_any_file_is_written(tmp_path, capsys, option, message):
+    assert main(["train", "--recipe", "demo", "--output", str(tmp_path / "run"), "--set", option]) == 2
+    assert message in error_line(capsys)
+    assert not os.path.exists(tmp_path / "run")
+
+
 @pytest.mark.parametrize("text, message", [
     ("steps: [1,\n", "not valid YAML"),
     ("- 1\n- 2\n", "expected a mapping of options at the top level"),

@@ -113,13 +113,29 @@ def _write_once(target: str, what: str, write, last_file: str) -> None:
     os.replace(partial, target)
 
 
+def _sizes(d: dict, key: str, defaults: dict) -> dict:
+    """`defaults` with the positive whole numbers the config gives under `key` (e.g. a smaller
+    demo for a quick try: `--set demo_data={train: 256, eval: 32}`)."""
+    given = d.pop(key, None) or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"{key} must be a mapping of {sorted(defaults)}, got {given!r}")
+    for name, value in given.items():
+        if name not in defaults:
+            raise ValueError(f"{key}.{name} is not an option; known: {sorted(defaults)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}.{name} must be a whole number >= 1, got {value!r}")
+    return {**defaults, **given}
+
+
 def _demo_inputs(d: dict, output: str) -> None:
     """The demo recipe's generated data and stage-1 model (each written once, atomically) and
     its default checkpoint folder, so an interrupted demo run resumes."""
     from jblip.train.synthetic import DEMO_DATA, make_dataset
+    data = {**DEMO_DATA, **_sizes(d, "demo_data", {"train": DEMO_DATA["train"], "eval": DEMO_DATA["eval"]})}
+    vision = _sizes(d, "demo_vision_pretrain", {"steps": 800, "scenes": 5000})
     base = os.path.abspath(output)
     data_dir = os.path.join(base, "data")
-    _write_once(data_dir, "the synthetic shapes dataset", lambda folder: make_dataset(folder, **DEMO_DATA),
+    _write_once(data_dir, "the synthetic shapes dataset", lambda folder: make_dataset(folder, **data),
                 os.path.join("tokenizer", "tokenizer.json"))
     d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
              tokenizer=os.path.join(data_dir, "tokenizer"))
@@ -130,11 +146,13 @@ def _demo_inputs(d: dict, output: str) -> None:
         log = lambda line: print(f"jblip train: {line}", file=sys.stderr)  # noqa: E731
         _write_once(start, "the stage-1 model (pretrained ViT)",
                     lambda folder: initial_model(PRESETS[d["model"]], folder, d.get("init_seed", 0),
-                                                 d.get("init_std", 0.1), log), "tokenizer.json")
+                                                 d.get("init_std", 0.1), log, **vision), "tokenizer.json")
         d["model"] = start
 
 
 def run(args) -> int:
+    from jblip.commands.common import enable_compilation_cache
+    enable_compilation_cache()  # a resumed run compiles nothing it compiled before
     d = build_config(args)
     if args.recipe == "demo" and not d.get("train_data"):
         _demo_inputs(d, args.output or "jblip-demo")

@@ -50,10 +50,10 @@ def _scenes(count: int, size: int, seed: int):
 
 
 def pretrain_vision(config: ModelConfig, vision_params: dict, steps: int = 800, batch: int = 64, lr: float = 1e-3,
-                    seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    """`vision_params` after `steps` AdamW steps on 5000 scenes (500 more held out, reported)."""
+                    seed: int = 0, log: Callable[[str], None] = print, scenes: int = 5000) -> dict:
+    """`vision_params` after `steps` AdamW steps on `scenes` scenes (500 more held out, reported)."""
     size = config.vision.image_size
-    pixels, labels = _scenes(5500, size, seed)
+    pixels, labels = _scenes(scenes + 500, size, seed)
     model = _Classifier(config)
     params = nn.unbox(model.init(jax.random.key(seed), pixels[:1])["params"])
     params["vision"] = vision_params
@@ -71,22 +71,22 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, steps: int = 800, 
 
     rng, start = np.random.default_rng(seed), time.time()
     for i in range(1, steps + 1):
-        idx = rng.integers(0, 5000, batch)
+        idx = rng.integers(0, scenes, batch)
         params, opt, value = step(params, opt, pixels[idx], {k: v[idx] for k, v in labels.items()})
         if i % 200 == 0 or i == steps:
-            out = model.apply({"params": params}, pixels[5000:])
-            acc = {k: round(float((out[k].argmax(-1) == labels[k][5000:]).mean()), 3) for k in CLASSES}
+            out = model.apply({"params": params}, pixels[scenes:])
+            acc = {k: round(float((out[k].argmax(-1) == labels[k][scenes:]).mean()), 3) for k in CLASSES}
             log(f"vision pretraining {i}/{steps}: loss {float(value):.3f}, held-out {acc}, {time.time() - start:.0f} s")
     return params["vision"]
 
 
 def initial_model(config: ModelConfig, out_dir: str, seed: int = 0, init_std: float = 0.1,
-                  log: Callable[[str], None] = print, steps: int = 800) -> str:
+                  log: Callable[[str], None] = print, steps: int = 800, scenes: int = 5000) -> str:
     """A HF-format checkpoint to start the demo from: the pretrained ViT, every other tower random,
     the synthetic data's tokenizers."""
     from jblip.convert.export import export_hf
     params = initial_params(config, seed, init_std)
-    params["vision"] = pretrain_vision(config, params["vision"], steps=steps, seed=seed, log=log)
+    params["vision"] = pretrain_vision(config, params["vision"], steps=steps, seed=seed, log=log, scenes=scenes)
     export_hf(config, out_dir, params=params, overwrite=True)
     synthetic.write_tokenizers(out_dir)
     return out_dir
