@@ -154,7 +154,7 @@ def _drop(driver, path: str, name: str, mime: str):
     """, data, name, mime)
 
 
-def test_the_page_answers_shows_errors_and_fits_a_phone(server, browser, tmp_path):
+def test_the_page_answers_shows_errors_and_fits_a_phone(browser, server, tmp_path):
     from selenium.webdriver.common.by import By
     d = browser
     d.get(server.url + "/")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from annotated_types import Ge, Le
 
+from jblip.serve.errors import APIError
 from jblip.serve.prepare import RequestBuilder
 from jblip.serve.protocol import DecodingFields
 
@@ -25,7 +26,11 @@ def _bounds(name: str) -> tuple[float | None, float | None]:
 
 def client_limits(builder: RequestBuilder) -> dict:
     settings = builder.settings
-    room = max(builder.room(builder.positions_used(builder.text_inputs(SHORT_QUESTION))), 1)
+    try:
+        used = builder.positions_used(builder.text_inputs(SHORT_QUESTION))
+    except APIError:  # a --max-prompt-tokens below one word: every prompt is refused anyway
+        used = 0
+    room = max(builder.room(used), 1)
     t_low, t_high = _bounds("temperature")
     return dict(
         model=settings.model_name,
