@@ -105,6 +105,7 @@ def browser():
                     "(apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = found[0]
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                  "--window-size=1100,880", "--force-device-scale-factor=1", "--hide-scrollbars"):
         options.add_argument(flag)
@@ -211,3 +212,7 @@ def test_the_page_answers_shows_errors_and_fits_a_phone(browser, server, tmp_pat
     assert history["y"] >= form["y"] + form["height"]  # stacked, not side by side
     d.execute_script("document.querySelector('#history .entry:last-child').scrollIntoView({block: 'end'})")
     _screenshot(d, tmp_path, "playground-phone.png")
+    # no script error and nothing the page's policy had to block (the 400 above is logged as a failed load)
+    problems = [e["message"] for e in d.get_log("browser")
+                if e["level"] == "SEVERE" and "status of 400" not in e["message"]]
+    assert problems == []
