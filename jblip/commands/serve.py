@@ -75,5 +75,6 @@ def run(args) -> int:
     model = load_pretrained(path, precision=args.precision, mesh=mesh)
     app = build_app(model, processor, settings)
     print(f"jblip serve: model {settings.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(f"jblip serve: playground on http://{args.host}:{args.port}/", file=sys.stderr)
     serve(app, args.host, args.port, settings.shutdown_timeout)
     return 0

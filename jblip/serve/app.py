@@ -1,7 +1,8 @@
 """The FastAPI application: OpenAI-compatible endpoints over an `Engine`.
 
 POST /v1/chat/completions, POST /v1/completions (with jblip's extra `image` field),
-GET /v1/models, GET /health, GET /metrics. Errors are OpenAI-style JSON
+GET /v1/models, GET /health, GET /metrics, GET /limits (the bounds of decoding options), and the
+browser playground at GET / (`jblip.serve.playground`). Errors are OpenAI-style JSON
 (`{"error": {...}}`); a failing request never stops the server.
 """
 from __future__ import annotations
@@ -20,7 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jblip.serve.engine import Engine, EngineRequest, Failed, Finished, Tokens
 from jblip.serve.errors import APIError
+from jblip.serve.limits import client_limits
 from jblip.serve.metrics import Metrics
+from jblip.serve.playground import add_playground
 from jblip.serve.prepare import RequestBuilder, ServerSettings, chat_prompt, completion_prompt
 from jblip.serve.protocol import ChatCompletionRequest, CompletionRequest
 from jblip.serve.text_stream import TextStream
@@ -278,5 +281,13 @@ def create_app(engine: Engine, builder: RequestBuilder, settings: ServerSettings
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    limits = client_limits(builder)
+
+    @app.get("/limits")
+    async def decoding_limits():
+        return limits
+
+    add_playground(app)
 
     return app

@@ -83,18 +83,29 @@ class RequestBuilder:
         except PromptError as e:
             raise invalid(str(e), "messages", "prompt_too_long") from None
 
+    def room(self, used: int) -> int:
+        """The most new tokens a prompt taking `used` positions may ask for."""
+        room = self.settings.max_tokens_limit
+        return room if self.positions is None else min(room, self.positions - used)
+
+    def default_max_tokens(self, room: int) -> int:
+        if self.settings.default_max_tokens <= room:
+            return self.settings.default_max_tokens
+        return 1 << (room.bit_length() - 1)  # a power of two: few distinct lengths to compile for
+
+    def positions_used(self, text: dict) -> int:
+        """LM positions a tokenised prompt takes (with the image's queries when they are prepended)."""
+        width = int(text["input_ids"].shape[1])
+        return width + (self.model.config.num_query_tokens if self.prepends_queries else 0)
+
     def max_new_tokens(self, body: DecodingFields, used: int) -> int:
         asked = requested_max_tokens(body)
-        room = self.settings.max_tokens_limit
-        if self.positions is not None:
-            room = min(room, self.positions - used)
-            if room < 1:
-                raise invalid(f"the prompt fills all {self.positions} positions of the model", "messages",
-                              "context_length_exceeded")
+        room = self.room(used)
+        if room < 1:
+            raise invalid(f"the prompt fills all {self.positions} positions of the model", "messages",
+                          "context_length_exceeded")
         if asked is None:
-            if self.settings.default_max_tokens <= room:
-                return self.settings.default_max_tokens
-            return 1 << (room.bit_length() - 1)  # a power of two: few distinct lengths to compile for
+            return self.default_max_tokens(room)
         if asked > room:
             what = (f"the prompt takes {used} of the model's {self.positions} positions, leaving {room}"
                     if self.positions is not None and room < self.settings.max_tokens_limit
@@ -106,7 +117,7 @@ class RequestBuilder:
         """Runs in a worker thread (image decoding and tokenising are CPU work)."""
         text = self.text_inputs(prompt)
         width = int(text["input_ids"].shape[1])
-        used = width + (self.model.config.num_query_tokens if self.prepends_queries else 0)
+        used = self.positions_used(text)
         decoding = decoding_for(body, self.base_sampler, self.max_new_tokens(body, used))
         image = read_image_url(image_url, self.settings.images)
         try:
