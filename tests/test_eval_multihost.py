@@ -30,8 +30,8 @@ def eval_args(data, out):
             "--beams", "1", "--max-new-tokens", "3"]  # greedy, short: one-word answers, cheap compiles
 
 
-def spawn(args, logs) -> list[subprocess.Popen]:
-    """Two eval processes of 4 CPU devices each, joined over 127.0.0.1 (the test suite's cheaper
+def spawn(args, logs, command: str = "eval") -> list[subprocess.Popen]:
+    """Two `jblip COMMAND` processes of 4 CPU devices each, joined over 127.0.0.1 (the test suite's cheaper
     XLA backend pass pipeline, as tests/conftest.py sets for in-process tests)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
@@ -41,8 +41,8 @@ def spawn(args, logs) -> list[subprocess.Popen]:
     procs = []
     for i in range(2):
         with open(os.path.join(logs, f"process{i}.log"), "w") as log:  # a file: a full pipe would block it
-            procs.append(subprocess.Popen([sys.executable, "-m", "tests.multihost_eval_worker", str(i), "2",
-                                           str(port), *args], cwd=ROOT, env=env, stdout=log,
+            procs.append(subprocess.Popen([sys.executable, "-m", "tests.multihost_cli_worker", str(i), "2",
+                                           str(port), command, *args], cwd=ROOT, env=env, stdout=log,
                                           stderr=subprocess.STDOUT))
     return procs
 

@@ -8,6 +8,15 @@ never writes a second line for it. The output is checked whole and locked first
 second writer is refused, and only a partial last record is dropped. Unreadable
 images are reported on stderr, not written, and retried by the next run. A short
 last batch is padded to the next power of two, not to --batch-size.
+
+On several processes (`--distributed`, or a program that has called
+`jax.distributed.initialize` first) every process walks the same batches, reads
+the images of its share of each batch's rows, and the model runs on the global
+batch over a mesh spanning every process. Process i appends its records to
+`OUT.p<i>of<n>`; when all are done, process 0 moves the records it does not
+have yet into OUT and removes the parts, so an interrupted run (any process)
+resumes from OUT plus the parts (with any process count), and every image ends
+in OUT exactly once.
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from jblip.commands.caption_output import CaptionOutput, image_key
+from jblip.commands.caption_output import CaptionOutput, image_key, read_done, read_records
 from jblip.commands.common import (add_decoding_arguments, add_model_arguments, checkpoint_path, decoding_options,
                                    load_model, planned_new_tokens)
 
@@ -38,6 +47,11 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads decoding and resizing images ahead of the model")
+    parser.add_argument("--mesh", help='device mesh for the model and batch, e.g. "data=2,fsdp=4" '
+                                       "(default: one device; on several processes, fsdp over all devices)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join the other processes of a multi-host run (jax.distributed.initialize with "
+                             "the cluster's environment) and caption on all of them")
     add_decoding_arguments(parser)
 
 
@@ -94,17 +108,79 @@ def _load(processor, path):
 
 
 def run(args) -> int:
+    from jblip.evaluation.hosts import Hosts
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = list_images(args.images)
-    with CaptionOutput(args.out) as out:  # checked whole and locked before anything else happens
-        return _run(args, paths, out)
+    if args.distributed:
+        import jax
+        jax.distributed.initialize()
+    hosts = Hosts.current()
+    hosts.share(args.batch_size)  # a batch size the processes cannot split is refused before any work
+    with ProcessOutputs(args.out, hosts) as out:  # checked whole and locked before anything else happens
+        code = _run(args, paths, out, hosts)
+        if code == 0:
+            out.merge()
+        return code
 
 
-def _run(args, paths: list[str], out: CaptionOutput) -> int:
+class ProcessOutputs:
+    """The caption files of this run: OUT on one process; on several, this process's part file
+    (and OUT, held by process 0), with `done` = every image in OUT or in any part."""
+
+    def __init__(self, path: str, hosts):
+        self.path, self.hosts = path, hosts
+        self.main = CaptionOutput(path) if hosts.index == 0 else None
+        self.part = CaptionOutput(part_path(path, hosts.index, hosts.count)) if hosts.count > 1 else None
+
+    def __enter__(self):
+        for output in filter(None, (self.main, self.part)):
+            output.__enter__()
+        self.hosts.barrier("jblip-caption-opened")  # each part checked (its partial last line cut) by its owner
+        self.done = self.main.done if self.main else read_done(self.path)
+        for part in part_files(self.path):  # any process count's: a rerun may use another one
+            self.done |= read_done(part)
+        self.hosts.barrier("jblip-caption-read")  # nobody writes before everybody has read
+        return self
+
+    def write(self, records):
+        (self.part or self.main).write(records)
+
+    def merge(self):
+        """Process 0 moves the parts' records that OUT lacks into OUT, then removes the parts."""
+        if self.hosts.count == 1:
+            return
+        self.hosts.barrier("jblip-caption-written")
+        if self.main is not None:
+            have = read_done(self.path)
+            parts = part_files(self.path)
+            for part in parts:
+                records = [r for r in read_records(part) if image_key(r["image"]) not in have]
+                self.main.write((r["image"], r["caption"]) for r in records)
+                have.update(image_key(r["image"]) for r in records)
+            for part in parts:
+                os.remove(part)
+        self.hosts.barrier("jblip-caption-merged")
+
+    def __exit__(self, *exc):
+        for output in filter(None, (self.part, self.main)):
+            output.close()
+
+
+def part_path(out: str, index: int, count: int) -> str:
+    return f"{out}.p{index}of{count}"
+
+
+def part_files(out: str) -> list[str]:
+    """Every process's part file of OUT, whatever the process count of the run that wrote it."""
+    return sorted(glob.glob(glob.escape(out) + ".p*of*"))
+
+
+def _run(args, paths: list[str], out: ProcessOutputs, hosts) -> int:
     from jblip.pipeline import sampler_for
     from jblip.processing import Processor
 
+    talk = hosts.index == 0
     todo = [p for p in paths if p not in out.done]
     path = checkpoint_path(args)
     processor = Processor.from_pretrained(path)
@@ -115,9 +191,10 @@ def _run(args, paths: list[str], out: CaptionOutput) -> int:
                                  planned_new_tokens(options))
     progress = Progress(len(todo), len(paths) - len(todo))
     if not todo:
-        print(f"caption: all {len(paths)} images are already in {args.out}", file=sys.stderr)
+        if talk:
+            print(f"caption: all {len(paths)} images are already in {args.out}", file=sys.stderr)
         return 0
-    model = load_model(path, args, processor)
+    model = load_model(path, args, processor, mesh=_mesh(args, hosts))
     seed, preset = options.pop("seed"), options.pop("preset")
     sampler = sampler_for(model, preset, **options)
     if sampler.num_return_sequences != 1:
@@ -125,46 +202,68 @@ def _run(args, paths: list[str], out: CaptionOutput) -> int:
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
     progress.start = time.perf_counter()
     with ThreadPoolExecutor(max(1, args.workers)) as pool:
-        submit = lambda batch: [pool.submit(_load, processor, p) for p in batch]  # noqa: E731
+        def submit(batch):  # this process's rows of the batch, filled up to its bucket
+            mine = _rows(batch, args.batch_size, hosts)[hosts.share(bucket(len(batch), args.batch_size, hosts.count))]
+            return [pool.submit(_load, processor, p) for p in mine]
         ahead = submit(batches[0])
         try:
             for i, batch in enumerate(batches):
                 loaded = [f.result() for f in ahead]
                 if i + 1 < len(batches):
                     ahead = submit(batches[i + 1])  # decode the next batch while this one runs
-                good = []
-                for p, (pixels, error) in zip(batch, loaded):
-                    if error is None:
-                        good.append((p, pixels))
-                    else:
+                rows = _rows(batch, args.batch_size, hosts)
+                mine = range(len(rows))[hosts.share(len(rows))]
+                for r, (_, error) in zip(mine, loaded):
+                    if error is not None and r < len(batch):
                         progress.bad += 1
                         print(f"caption: skipped {error}", file=sys.stderr)
-                if good:
-                    captions = _caption(model, processor, text, sampler, seed, [x for _, x in good], args.batch_size)
-                    out.write(zip([p for p, _ in good], captions))
+                ok = hosts.gather(np.asarray([error is None for _, error in loaded], np.int32))
+                if ok.any():
+                    pixels = hosts.gather(np.stack([_blank(processor) if e else p for p, e in loaded]))
+                    captions = _caption(model, processor, text, sampler, seed, pixels, hosts)
+                    good = [r for r in mine if r < len(batch) and ok[r]]
+                    out.write((rows[r], captions[r]) for r in good)
                     progress.done += len(good)
-                progress.update()
+                if talk:
+                    progress.update()
         except KeyboardInterrupt:
             for f in ahead:
                 f.cancel()
             print(progress.summary(args.out, interrupted=True), file=sys.stderr)
             return 130
-    print(progress.summary(args.out), file=sys.stderr)
+    if talk:
+        print(progress.summary(args.out), file=sys.stderr)
     return 0
 
 
-def bucket(n: int, batch_size: int) -> int:
+def bucket(n: int, batch_size: int, processes: int = 1) -> int:
     """The batch shape `n` images run at: the next power of two, at most `batch_size`, so a short
-    last batch costs about its own size while only log2(batch_size) + 1 shapes ever compile."""
-    return min(1 << max(n - 1, 0).bit_length(), batch_size)
+    last batch costs about its own size while only log2(batch_size) + 1 shapes ever compile
+    (rounded up to a multiple of the processes, which each read an equal share)."""
+    rows = min(1 << max(n - 1, 0).bit_length(), batch_size)
+    return -(-rows // processes) * processes
 
 
-def _caption(model, processor, text, sampler, seed, pixels, batch_size) -> list[str]:
-    """Captions of up to `batch_size` images; the batch is filled with copies of its last image up
-    to its bucket (few shapes, so little recompilation), and the copies are dropped."""
-    n = len(pixels)
-    rows = bucket(n, batch_size)
-    pixels = np.stack(pixels + [pixels[-1]] * (rows - n))
+def _rows(batch: list[str], batch_size: int, hosts) -> list[str]:
+    """The batch's images, filled with copies of its last one up to its bucket (copies not written)."""
+    return batch + [batch[-1]] * (bucket(len(batch), batch_size, hosts.count) - len(batch))
+
+
+def _blank(processor) -> np.ndarray:
+    size = processor.image_processor.image_size
+    return np.zeros((size, size, 3), np.float32)
+
+
+def _mesh(args, hosts):
+    if args.mesh or hosts.count > 1:
+        from jblip.sharding import make_mesh
+        return make_mesh(args.mesh) if args.mesh else make_mesh()
+    return None
+
+
+def _caption(model, processor, text, sampler, seed, pixels: np.ndarray, hosts) -> list[str]:
+    """Captions of the global batch `pixels` (every row, copies and unreadable rows included)."""
+    rows = pixels.shape[0]
     text = {k: None if v is None else v[:rows] for k, v in text.items()}  # one prompt: every row is the same
     output = model.generate(pixel_values=pixels, **text, sampler=sampler, seed=seed)
-    return processor.decode(output)[:n]
+    return processor.decode(hosts.fetch(output.tokens), hosts.fetch(output.lengths))

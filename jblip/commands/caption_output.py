@@ -76,6 +76,26 @@ def check_records(data: bytes, out: str) -> tuple[set[str], int]:
     return done, complete
 
 
+def read_done(path: str) -> set[str]:
+    """Keys of the images in the caption file at `path` (empty when it does not exist), read only."""
+    try:
+        with open(path, "rb") as f:
+            return check_records(f.read(), path)[0]
+    except FileNotFoundError:
+        return set()
+
+
+def read_records(path: str) -> list[dict]:
+    """The whole records of the caption file at `path` (a cut last line left out), read only."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    _, keep = check_records(data, path)
+    return [json.loads(line) for line in data[:keep].decode("utf-8").splitlines() if line.strip()]
+
+
 class CaptionOutput:
     """`with CaptionOutput(path) as out:` -> `out.done` (keys already captioned), `out.write(records)`.
 

@@ -75,11 +75,12 @@ def enable_compilation_cache():
         jax.config.update("jax_compilation_cache_dir", folder)
 
 
-def load_model(path: str, args, processor=None):
-    """The weights at `path`, at --precision; `processor` (already built) is kept with the model."""
+def load_model(path: str, args, processor=None, mesh=None):
+    """The weights at `path`, at --precision, on `mesh` (None: one device); `processor` (already
+    built) is kept with the model."""
     from jblip.pretrained import load_pretrained
     enable_compilation_cache()
-    model = load_pretrained(path, precision=args.precision)
+    model = load_pretrained(path, precision=args.precision, mesh=mesh)
     if processor is not None:
         model._jblip_processor = processor
     return model
