@@ -322,6 +322,27 @@ def test_demo_stage_one_writes_a_loadable_model_with_a_trained_vit(tmp_path):
 
 # ----------------------------------------------------------------------------- labels and data order (no compiling)
 
+@pytest.mark.slow
+def test_grain_worker_processes_give_the_same_batches_as_threads(shapes):
+    """Decoding in grain worker processes (spawned: ~10 s here) instead of threads changes nothing."""
+    from jblip.train.data import BatchStream, Encoder, read_jsonl
+    from jblip.text_processing import TextTokenizer
+    records = read_jsonl(shapes["train"])
+    tok = TextTokenizer.from_dir(shapes["tokenizer"])
+    encoder = Encoder(TextLayout.for_model(TINY, qformer_cls=4, qformer_sep=5), tok, tok)
+    threads = BatchStream(records, encoder, 8, 28, seed=3, workers=2, process_index=0, process_count=1)
+    expected = [next(threads) for _ in range(3)][1:]
+    processes = BatchStream(records, encoder, 8, 28, seed=3, workers=1, processes=2, process_index=0,
+                            process_count=1)
+    processes.restore({"position": 8, "seed": 3})  # resumed mid-stream, in worker processes
+    try:
+        for want in expected:
+            got = next(processes)
+            assert [k for k in want if not np.array_equal(got[k], want[k])] == []
+    finally:
+        processes.close()
+
+
 def test_label_layout_decoder_only_and_t5():
     vicuna = TextLayout(family="llama", num_queries=3, image_token=99, bos=2, eos=2, pad=0, qformer_cls=1,
                         qformer_sep=2, max_input_len=4, max_output_len=3, max_qformer_len=4)

@@ -31,7 +31,7 @@ from jblip.train.optim import OptimConfig
 # integer options and their least allowed value
 _INTEGERS = dict(batch_size=1, steps=1, seed=0, init_seed=0, max_input_len=1, max_output_len=1, max_qformer_len=1,
                  eval_every=0, eval_batch_size=1, max_new_tokens=1, checkpoint_every=0, keep_checkpoints=1,
-                 log_every=1)
+                 log_every=1, data_threads=0, data_processes=0)
 _PATHS = ("eval_data", "image_root", "tokenizer", "qformer_tokenizer", "checkpoint_dir", "log_file", "export_dir")
 
 
@@ -59,6 +59,8 @@ class TrainConfig:
     max_qformer_len: int = 128
     image_size: int | None = None         # default: the vision tower's
     augment: bool = True                  # random resized crop + flip on the training images
+    data_threads: int = 4                 # grain read-ahead threads decoding training images
+    data_processes: int = 0               # > 0: grain worker processes decode instead (mp_prefetch)
     eval_every: int = 0                   # optimizer updates; 0: only at the end (if eval_data)
     eval_at_start: bool = False           # also evaluate the model before training (the baseline)
     eval_batch_size: int = 8

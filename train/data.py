@@ -6,18 +6,17 @@ Image paths are relative to the JSONL file (or `image_root`). Instead of text,
 a record may carry token ids (no special tokens): "input_ids", "output_ids"
 and optionally "qformer_ids"; then no tokenizer is needed.
 
-Order: example k of the stream (k = 0, 1, ... across epochs) is record
-`permutation(seed, epoch = k // n)[k % n]`; the data position is the number of
-examples the whole job (all hosts) consumed, so resuming from a saved position
-replays exactly the same examples, crops and flips (the augmentation RNG is
-seeded by (seed, k)). Global batch b covers stream indices [b*G, (b+1)*G); host
-h of H reads its contiguous G/H slice of it.
+Order (BatchStream, a grain pipeline): the records shuffled per epoch with the
+run's seed; the data position is the number of examples the whole job (all
+hosts) consumed, so resuming from a saved position replays exactly the same
+examples, crops and flips (the augmentation is a grain random map, seeded by the
+run's seed and the example's stream index). Global batch b is the b-th local
+batch of every host, in host order.
 """
 from __future__ import annotations
 
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -122,98 +121,119 @@ class Encoder:
         return encode_prompt(self.instruction(rec), self.layout, self.qformer_instruction(rec))
 
 
-def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+class _Example:
+    """Record index -> (encoded example, pixels, unreadable record indices passed over): the
+    per-example map of the grain pipeline. An image that fails to decode is replaced by the next
+    record in file order whose image decodes (so batches stay full and a resumed run replaces it
+    the same way); the indices passed over travel with the example to the main process."""
+
+    def __init__(self, records, encoder, image_size: int, train: bool, load_image: Callable):
+        self.records, self.encoder, self.image_size = records, encoder, image_size
+        self.train, self.load_image = train, load_image
+
+    def __call__(self, index: int, rng: np.random.Generator | None = None):
+        n, passed = len(self.records), []
+        for i in (int(index) + j for j in range(n)):
+            rec = self.records[i % n]
+            try:
+                img = self.load_image(rec["image"])
+                pixels = (images.train_transform(img, self.image_size, rng) if self.train
+                          else images.eval_transform(img, self.image_size))
+                return self.encoder.example(rec), pixels, passed
+            except (OSError, ValueError) as e:  # ImageError is a ValueError
+                passed.append((i % n, str(e)))
+        raise DataError("no training image can be read")
+
+
+class _Collate:
+    """Examples -> one host batch (a class, not a closure: grain's worker processes pickle it)."""
+
+    def __init__(self, layout, lengths):
+        self.layout, self.lengths = layout, lengths
+
+    def __call__(self, examples) -> dict:
+        batch = collate([e for e, _, _ in examples], self.layout, self.lengths)
+        batch["pixel_values"] = np.stack([p for _, p, _ in examples])
+        batch["_passed_over"] = [x for _, _, passed in examples for x in passed]
+        return batch
 
 
 class BatchStream:
-    """Host-local training batches in a deterministic, resumable order.
+    """Host-local training batches in a deterministic, resumable order, on a grain pipeline.
 
-    `position` = examples consumed by the whole job. `next()` returns this
-    host's slice of the next global batch as numpy arrays (pixel_values NHWC
-    float32 plus the `collate` keys) and advances the position by the global
-    batch size.
+    `grain.MapDataset` over the record indices: shuffled with `seed` (each epoch differently),
+    repeated, the train transform as a seeded random map (crops and flips depend only on the
+    seed and the example's stream index), batched into this host's `global_batch / hosts`
+    rows, every host's batches interleaved (`[host::hosts]`: global batch b is the hosts'
+    b-th local batches in host order), then read ahead by `workers` threads, or by
+    `processes` worker processes (grain's `mp_prefetch`) when that is > 0.
 
-    An image that fails to decode is skipped: its example is replaced by the
-    next record (in file order) whose image decodes, so every batch stays full
-    and a resumed run replaces it the same way. `skipped_images` counts the
-    distinct unreadable images met so far; each is reported once on stderr.
+    `position` = examples consumed by the whole job, saved in the orbax checkpoint with the
+    seed: the iterator is the MapDataset read from batch `position / global_batch` on, so a
+    resumed run replays exactly the same examples, crops and flips, whatever the worker count.
+    `skipped_images` counts the distinct unreadable images met so far; each is reported once
+    on stderr.
     """
 
     def __init__(self, records: list[dict], encoder: Encoder, global_batch: int, image_size: int,
                  seed: int = 0, position: int = 0, train: bool = True, shuffle: bool = True,
                  process_index: int | None = None, process_count: int | None = None,
-                 lengths: dict[str, int] | None = None, workers: int = 4,
+                 lengths: dict[str, int] | None = None, workers: int = 4, processes: int = 0,
                  load_image: Callable = images.load_rgb):
+        import grain
         import jax
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if global_batch % self.process_count:
             raise DataError(f"global batch {global_batch} does not split evenly over {self.process_count} hosts")
-        self.records, self.encoder = records, encoder
-        self.global_batch, self.local_batch = global_batch, global_batch // self.process_count
-        self.image_size, self.seed, self.position = image_size, seed, position
-        self.train, self.shuffle, self.lengths = train, shuffle, lengths
-        self.load_image = load_image
+        self.seed, self.global_batch, self.position = seed, global_batch, position
+        self.workers, self.processes = workers, processes
         self.unreadable: set[int] = set()  # record indices whose image failed to decode
-        self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
-        self._perm_cache: dict[int, np.ndarray] = {}
-
-    def record_index(self, k: int) -> int:
-        n = len(self.records)
-        epoch, offset = divmod(k, n)
-        if not self.shuffle:
-            return offset
-        if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: permutation(n, self.seed, epoch)}
-        return int(self._perm_cache[epoch][offset])
+        example = _Example(records, encoder, image_size, train, load_image)
+        ds = grain.MapDataset.range(len(records))
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat()
+        ds = ds.random_map(example, seed=seed) if train else ds.map(example)
+        self._batches = ds.batch(global_batch // self.process_count, batch_fn=_Collate(encoder.layout, lengths))
+        self._iterator = None
 
     @property
     def skipped_images(self) -> int:
         return len(self.unreadable)
 
-    def _example(self, k: int, first: int) -> tuple[dict, np.ndarray]:
-        """(record, pixels) of stream index k (record `first`), moving past records whose image
-        does not decode."""
-        n = len(self.records)
-        for i in (first + j for j in range(n)):
-            rec = self.records[i % n]
-            if i % n in self.unreadable:
-                continue
-            try:
-                return rec, self._pixels(k, rec)
-            except (OSError, ValueError) as e:  # ImageError is a ValueError
-                self.unreadable.add(i % n)
-                print(f"train: skipped an unreadable training image ({e}); "
-                      f"{len(self.unreadable)} skipped so far", file=sys.stderr)
-        raise DataError("no training image can be read")
-
-    def _pixels(self, k: int, rec: dict) -> np.ndarray:
-        img = self.load_image(rec["image"])
-        if self.train:
-            return images.train_transform(img, self.image_size, np.random.default_rng([self.seed, 1, k]))
-        return images.eval_transform(img, self.image_size)
-
-    def local_indices(self, position: int) -> range:
-        start = position + self.process_index * self.local_batch
-        return range(start, start + self.local_batch)
-
-    def batch_at(self, position: int) -> dict[str, np.ndarray]:
-        ks = list(self.local_indices(position))
-        run = self._pool.map if self._pool else map
-        firsts = [self.record_index(k) for k in ks]  # here, not in the threads: it caches
-        recs, pixels = zip(*run(self._example, ks, firsts))
-        batch = collate([self.encoder.example(r) for r in recs], self.encoder.layout, self.lengths)
-        batch["pixel_values"] = np.stack(pixels)
-        return batch
+    def _iter(self):
+        if self._iterator is None:  # started lazily, at the (possibly restored) position
+            import grain
+            first = self.position // self.global_batch * self.process_count + self.process_index
+            ds = self._batches[first::self.process_count].to_iter_dataset(
+                grain.ReadOptions(num_threads=max(self.workers, 0), prefetch_buffer_size=max(2 * self.workers, 1)))
+            if self.processes > 0:
+                from absl import flags
+                if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (defaults here)
+                    flags.FLAGS.mark_as_parsed()
+                ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.processes))
+            self._iterator = iter(ds)
+        return self._iterator
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self.position)
+        batch = next(self._iter())
+        for index, error in batch.pop("_passed_over"):
+            if index not in self.unreadable:
+                self.unreadable.add(index)
+                print(f"train: skipped an unreadable training image ({error}); "
+                      f"{len(self.unreadable)} skipped so far", file=sys.stderr)
         self.position += self.global_batch
         return batch
+
+    def close(self):
+        """Stop the read-ahead threads or worker processes."""
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
 
     def state(self) -> dict:
         return {"position": int(self.position), "seed": int(self.seed)}
@@ -222,6 +242,7 @@ class BatchStream:
         if int(state.get("seed", self.seed)) != self.seed:
             raise DataError(f"checkpoint data order used seed {state['seed']}, this run seed {self.seed}: "
                             "resuming would not replay the same examples")
+        self.close()
         self.position = int(state["position"])
 
 

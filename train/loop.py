@@ -134,8 +134,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     if jax.process_count() > 1 and not any(placement.batch(cfg.batch_size).spec):
         raise ValueError(f"batch_size {cfg.batch_size} does not split over the mesh's data axes; with several "
                          "hosts each reads only its share, so the global batch must divide them")
-    stream = BatchStream(records, encoder, cfg.batch_size, image_size,
-                         seed=cfg.seed, train=cfg.augment)
+    stream = BatchStream(records, encoder, cfg.batch_size, image_size, seed=cfg.seed, train=cfg.augment,
+                         workers=cfg.data_threads, processes=cfg.data_processes)
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
     restored = checkpointer.restore_newest(placement.abstract_state(trainable)) if checkpointer else None
     if restored is not None:
@@ -214,6 +214,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
             export(cfg, config, tr.merge(state.params, frozen))
             log.write(dict(event="export", path=cfg.export_dir))
     finally:
+        stream.close()
         if bar is not None:
             bar.close()
         if checkpointer:
