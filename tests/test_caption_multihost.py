@@ -3,13 +3,11 @@ process; one process killed mid-run, then a rerun: every image in the output exa
 import json
 import os
 import shutil
-import signal
-import time
 
 import pytest
 
 from jblip.cli import main
-from tests.test_eval_multihost import MESH, TIMEOUT_S, finish_all, spawn
+from tests.test_eval_multihost import MESH, finish_all, kill_second_once_written, spawn
 from tests.test_demo import EXAMPLES
 
 pytestmark = pytest.mark.slow
@@ -38,18 +36,8 @@ def test_two_processes_caption_like_one_and_resume(tmp_path, private_xla_cache):
     assert len(one) == count
 
     out = tmp_path / "killed.jsonl"
-    procs = spawn(caption_args(images, out), tmp_path / "logs-killed", command="caption")
-    part = tmp_path / "killed.jsonl.p1of2"
-    deadline = time.time() + TIMEOUT_S
-    try:  # kill process 1 once it has written a batch; process 0 then waits on it in a collective
-        while time.time() < deadline and not (part.exists() and part.read_text().count("\n") >= 2):
-            assert procs[1].poll() is None, "process 1 ended before it could be killed"
-            time.sleep(0.02)
-        procs[1].send_signal(signal.SIGKILL)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+    kill_second_once_written(spawn(caption_args(images, out), tmp_path / "logs-killed", command="caption"),
+                             tmp_path / "killed.jsonl.p1of2")
     written = sum(len(captions(tmp_path / f)) for f in os.listdir(tmp_path) if ".jsonl.p" in f)
     assert 0 < written < count, "the kill came before the first or after the last batch"
 

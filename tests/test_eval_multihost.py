@@ -61,6 +61,21 @@ def finish_all(procs, logs):
                 raise AssertionError(f"process {i} failed:\n{f.read()[-4000:]}")
 
 
+def kill_second_once_written(procs, part, lines: int = 2):
+    """SIGKILL process 1 once its output `part` has `lines` records (a batch); process 0 then
+    waits on it in a collective, and is killed too."""
+    deadline = time.time() + TIMEOUT_S
+    try:
+        while time.time() < deadline and not (part.exists() and part.read_text().count("\n") >= lines):
+            assert procs[1].poll() is None, "process 1 ended before it could be killed"
+            time.sleep(0.02)
+        procs[1].send_signal(signal.SIGKILL)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def records(out) -> list[tuple[str, str]]:
     with open(os.path.join(out, "predictions.jsonl")) as f:
         return [(r["key"], r["answer"]) for r in map(json.loads, f)]
@@ -76,18 +91,7 @@ def test_two_processes_evaluate_like_one_and_resume(tmp_path, capsys, private_xl
 
     # kill process 1 once it has written a batch; process 0 then waits on it in a collective
     out = tmp_path / "killed"
-    procs = spawn(eval_args(data, out), tmp_path / "logs-killed")
-    part = out / "predictions.p1.jsonl"
-    deadline = time.time() + TIMEOUT_S
-    try:
-        while time.time() < deadline and not (part.exists() and part.read_text().count("\n") >= 2):
-            assert procs[1].poll() is None, "process 1 ended before it could be killed"
-            time.sleep(0.02)
-        procs[1].send_signal(signal.SIGKILL)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+    kill_second_once_written(spawn(eval_args(data, out), tmp_path / "logs-killed"), out / "predictions.p1.jsonl")
     written = sum(1 for f in os.listdir(out) if f.startswith("predictions.p")
                   for _ in open(out / f))
     assert 0 < written < len(truth), "the kill came before the first or after the last batch"
