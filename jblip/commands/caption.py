@@ -24,13 +24,13 @@ import glob
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from jblip.commands.caption_output import CaptionOutput, image_key, read_done, read_records
 from jblip.commands.common import (add_decoding_arguments, add_model_arguments, checkpoint_path, decoding_options,
                                    load_model, planned_new_tokens)
+from jblip.image_batches import ImageBatches
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_PROMPTS = {"instructblip": "A short image description:", "blip2": ""}  # LAVIS captioning prompts
@@ -96,15 +96,6 @@ class Progress:
         elif self.bad:
             text += " (not written; the next run retries them)"
         return text
-
-
-def _load(processor, path):
-    try:
-        return processor.image_processor.preprocess_one(path, path), None
-    except (ValueError, OSError) as e:
-        return None, str(e)
-    except Exception as e:  # a decoder failing in an unexpected way must not stop a long run either
-        return None, f"cannot read image {path}: {type(e).__name__}: {e}"
 
 
 def run(args) -> int:
@@ -201,36 +192,28 @@ def _run(args, paths: list[str], out: ProcessOutputs, hosts) -> int:
         raise ValueError("caption writes one caption per image (num_return_sequences must be 1)")
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
     progress.start = time.perf_counter()
-    with ThreadPoolExecutor(max(1, args.workers)) as pool:
-        def submit(batch):  # this process's rows of the batch, filled up to its bucket
-            mine = _rows(batch, args.batch_size, hosts)[hosts.share(bucket(len(batch), args.batch_size, hosts.count))]
-            return [pool.submit(_load, processor, p) for p in mine]
-        ahead = submit(batches[0])
-        try:
-            for i, batch in enumerate(batches):
-                loaded = [f.result() for f in ahead]
-                if i + 1 < len(batches):
-                    ahead = submit(batches[i + 1])  # decode the next batch while this one runs
-                rows = _rows(batch, args.batch_size, hosts)
-                mine = range(len(rows))[hosts.share(len(rows))]
-                for r, (_, error) in zip(mine, loaded):
-                    if error is not None and r < len(batch):
-                        progress.bad += 1
-                        print(f"caption: skipped {error}", file=sys.stderr)
-                ok = hosts.gather(np.asarray([error is None for _, error in loaded], np.int32))
-                if ok.any():
-                    pixels = hosts.gather(np.stack([_blank(processor) if e else p for p, e in loaded]))
-                    captions = _caption(model, processor, text, sampler, seed, pixels, hosts)
-                    good = [r for r in mine if r < len(batch) and ok[r]]
-                    out.write((rows[r], captions[r]) for r in good)
-                    progress.done += len(good)
-                if talk:
-                    progress.update()
-        except KeyboardInterrupt:
-            for f in ahead:
-                f.cancel()
-            print(progress.summary(args.out, interrupted=True), file=sys.stderr)
-            return 130
+    rows = [_rows(batch, args.batch_size, hosts) for batch in batches]
+    mine = [range(len(r))[hosts.share(len(r))] for r in rows]  # this process's rows of each batch
+    images = ImageBatches(processor.image_processor, [[r[i] for i in m] for r, m in zip(rows, mine)], args.workers)
+    try:
+        for batch, batch_rows, my_rows, loaded in zip(batches, rows, mine, images):
+            for r, (_, error) in zip(my_rows, loaded):
+                if error is not None and r < len(batch):
+                    progress.bad += 1
+                    print(f"caption: skipped {error}", file=sys.stderr)
+            ok = hosts.gather(np.asarray([error is None for _, error in loaded], np.int32))
+            if ok.any():
+                pixels = hosts.gather(np.stack([_blank(processor) if e else p for p, e in loaded]))
+                captions = _caption(model, processor, text, sampler, seed, pixels, hosts)
+                good = [r for r in my_rows if r < len(batch) and ok[r]]
+                out.write((batch_rows[r], captions[r]) for r in good)
+                progress.done += len(good)
+            if talk:
+                progress.update()
+    except KeyboardInterrupt:
+        images.close()
+        print(progress.summary(args.out, interrupted=True), file=sys.stderr)
+        return 130
     if talk:
         print(progress.summary(args.out), file=sys.stderr)
     return 0

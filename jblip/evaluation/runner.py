@@ -2,7 +2,7 @@
 appended to `predictions.jsonl` as they come; then the benchmark's results file, the metrics
 file and a one-line summary.
 
-Images are decoded by a thread pool one batch ahead of the model. An unreadable
+Images are decoded on a grain pipeline (jblip/image_batches.py) ahead of the model. An unreadable
 image is reported and its example left out of the file (its row of the batch is
 zeros, its output dropped; a rerun retries it); scoring counts an example without
 a prediction as wrong and says how many. Every batch has the same size (a short
@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,6 +22,7 @@ import numpy as np
 from jblip.evaluation.hosts import Hosts
 from jblip.evaluation.predictions import PredictionWriter, merge, process_file, read_all
 from jblip.evaluation.task import Example, Task
+from jblip.image_batches import ImageBatches
 
 PREDICTIONS = "predictions.jsonl"  # the merged file
 METRICS = "metrics.json"
@@ -61,15 +61,6 @@ def check_unique(examples: Sequence[Example]):
         seen.add(e.key)
 
 
-def _load(image_processor, path):
-    try:
-        return image_processor.preprocess_one(path, path), None
-    except (ValueError, OSError) as e:
-        return None, str(e)
-    except Exception as e:  # an odd decoder failure must not stop a long run either
-        return None, f"cannot read image {path}: {type(e).__name__}: {e}"
-
-
 def _stack(loaded, image_size: int) -> np.ndarray:
     """This process's rows of pixels, zeros where an image could not be read."""
     blank = np.zeros((image_size, image_size, 3), np.float32)
@@ -103,17 +94,12 @@ def predict(task: Task, examples: Sequence[Example], template: str, generate: Ge
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     progress = Progress(len(todo))
     path = process_file(out_dir, hosts.index, hosts.count)
-    with PredictionWriter(path) as out, ThreadPoolExecutor(max(1, workers)) as pool:
-        def submit(batch):
-            rows = (batch + [batch[-1]] * (batch_size - len(batch)))[mine]
-            return [pool.submit(_load, image_processor, e.image) for e in rows]
-        ahead = submit(batches[0])
+    full_batches = [batch + [batch[-1]] * (batch_size - len(batch)) for batch in batches]
+    rows = list(range(batch_size))[mine]
+    images = ImageBatches(image_processor, [[full[r].image for r in rows] for full in full_batches], workers)
+    with PredictionWriter(path) as out:
         try:
-            for i, batch in enumerate(batches):
-                loaded = [f.result() for f in ahead]
-                if i + 1 < len(batches):
-                    ahead = submit(batches[i + 1])  # decode the next images while the model runs
-                rows = list(range(batch_size))[mine]
+            for batch, full, loaded in zip(batches, full_batches, images):
                 for r, (_, error) in zip(rows, loaded):
                     if error is not None and r < len(batch):
                         print(f"eval: skipped {batch[r].key}: {error}", file=sys.stderr)
@@ -122,7 +108,6 @@ def predict(task: Task, examples: Sequence[Example], template: str, generate: Ge
                     progress.bad += len(batch)
                     continue
                 pixels = hosts.gather(_stack(loaded, image_processor.image_size))
-                full = batch + [batch[-1]] * (batch_size - len(batch))
                 texts = generate(pixels, [prompts[e.key] for e in full])
                 records = [{"key": full[r].key, "id": full[r].id, "output": texts[r],
                             "answer": task.answer(texts[r], full[r])}
@@ -135,8 +120,7 @@ def predict(task: Task, examples: Sequence[Example], template: str, generate: Ge
                 if talk:
                     progress.update()
         except KeyboardInterrupt:
-            for f in ahead:
-                f.cancel()
+            images.close()
             progress.finish()
             print(f"eval: interrupted after {progress.done} examples; run the same command again to continue",
                   file=sys.stderr)
