@@ -39,14 +39,15 @@ class BlipModel(nn.Module):
         c, p = self.config, self.config.precision
         check_remat(self.remat)
         param_dtype = jnp.dtype(p.param_dtype)
+        quant = c.quantization
         self.vision = VisionTransformer(c.vision, dtype=jnp.dtype(p.vision), param_dtype=param_dtype,
-                                        remat=self.remat)
+                                        remat=self.remat, quant=quant and quant.for_tower("vision"))
         self.qformer = QFormer(c.qformer, c.num_query_tokens, dtype=jnp.dtype(p.qformer), param_dtype=param_dtype,
                                remat=self.remat)
         self.projection = Linear((c.qformer.hidden_size,), (c.text.hidden_size,), ("qf_embed", "embed"),
                                  use_bias=True, dtype=jnp.dtype(p.qformer), param_dtype=param_dtype)
         self.llm = language_model_class(c.family)(c.text, dtype=jnp.dtype(p.text), param_dtype=param_dtype,
-                                                  remat=self.remat)
+                                                  remat=self.remat, quant=quant and quant.for_tower("llm"))
 
     @property
     def is_encoder_decoder(self) -> bool:
