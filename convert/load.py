@@ -19,6 +19,7 @@ from jblip import sharding
 from jblip.config import ModelConfig, Precision, from_hf_config, untie_if_present
 from jblip.convert.fuse import FuseQVBias
 from jblip.convert.hf import hf_rules
+from jblip.convert.quantized import read_quantized
 from jblip.convert.readers import open_checkpoint
 from jblip.convert.rules import convert_params, flatten
 from jblip.model import abstract_params
@@ -64,10 +65,15 @@ def load_params(path: str, precision: Precision | str = "float32", mesh=None, ru
     vocab-padded as placed.
     """
     config = from_hf_config(path, name=os.path.basename(os.path.normpath(path))).with_precision(precision)
+    stored = config.quantization  # set when the checkpoint is already quantised (convert/quantized.py)
+    if stored is not None and quantization not in (None, stored):
+        raise ValueError(f"{path} is already quantised ({stored.mode}, group_size {stored.group_size}, towers "
+                         f"{list(stored.towers)}); load it without quantize= or with the same settings")
     if quantization is not None:
         config = dataclasses.replace(config, quantization=quantization)
     with open_checkpoint(path) as source:
-        config = untie_if_present(config, source.keys())
+        if stored is None:
+            config = untie_if_present(config, source.keys())
         abstract = (storage or abstract_params)(config)  # the checkpoint's shapes
         place = lambda _, x: jax.tree_util.tree_map(jnp.asarray, x)
         if mesh is not None:
@@ -79,6 +85,9 @@ def load_params(path: str, precision: Precision | str = "float32", mesh=None, ru
             place = lambda p, x: jax.tree_util.tree_map(lambda a, t, s: sharding.place(a, t, s.shape),
                                                         x, targets[p], shapes[p])
         watch = NonFiniteWatch(place)
-        params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress)
+        if stored is not None:
+            params = read_quantized(path, abstract, watch)
+        else:
+            params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress)
     watch.warn(path)
     return config, params

@@ -13,7 +13,7 @@ from typing import Any, Union
 
 from jblip import bounded_json
 from jblip.config_checks import ConfigError, check_shapes, checked_fields
-from jblip.quantization import Quantization
+from jblip.quantization import CONFIG_KEY as QUANTIZATION_KEY, Quantization
 
 
 def _from_dict(cls, d: dict, what: str):
@@ -333,7 +333,8 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
     if "image_token_index" not in top and cfg.get("image_token_id") is not None:
         top = checked_fields(ModelConfig, dict(image_token_index=cfg["image_token_id"]), "",
                              dict(image_token_index="image_token_id"))
-    config = ModelConfig(vision=vision, qformer=qformer, text=text, name=name, **top)
+    quantization = Quantization.parse(cfg.get(QUANTIZATION_KEY))  # set in already-quantised jblip checkpoints
+    config = ModelConfig(vision=vision, qformer=qformer, text=text, name=name, quantization=quantization, **top)
     check_shapes(config)
     return config
 

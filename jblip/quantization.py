@@ -32,6 +32,7 @@ from qwix._src.core import qarray as qwix_qarray
 from jblip.config_checks import ConfigError
 
 QArray = qwix.QArray
+CONFIG_KEY = "jblip_quantization"  # the config.json field of an already-quantised checkpoint
 MODES = {"int8": jnp.int8, "int4": jnp.int4}
 TOWERS = ("llm", "vision")
 
@@ -80,6 +81,9 @@ class Quantization:
         if value is None or value == "none":
             return None
         if isinstance(value, dict):
+            fields = {f.name for f in dataclasses.fields(cls)}
+            if set(value) - fields:
+                raise ConfigError(f"unknown quantisation field(s) {sorted(set(value) - fields)}; known: {sorted(fields)}")
             value = cls(**{**value, "towers": tuple(value.get("towers", ("llm",)))})
         elif isinstance(value, str):
             value = cls(value)
