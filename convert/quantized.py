@@ -69,18 +69,21 @@ def tensor_layout(abstract) -> dict[str, tuple[tuple, np.dtype]]:
     return out
 
 
-def save_quantized(model, out_dir: str, overwrite: bool = False) -> str:
-    """Write a loaded quantised `VisionLanguageModel` (or one on a mesh: gathered one param at a
-    time) as an already-quantised checkpoint; tokenizer files travel separately. Returns the
-    weights file's path."""
+def save_quantized(model_or_config, out_dir: str, params=None, overwrite: bool = False) -> str:
+    """Write a quantised `VisionLanguageModel` (or a ModelConfig with its `params`; on a mesh
+    each param is gathered when written) as an already-quantised checkpoint; tokenizer files
+    travel separately. Returns the weights file's path."""
     from jblip.model import abstract_params
 
-    config: ModelConfig = model.config
+    if isinstance(model_or_config, ModelConfig):
+        config = model_or_config
+    else:
+        config, params = model_or_config.config, model_or_config.params
     if config.quantization is None:
         raise ValueError("save_quantized needs a quantised model: load it with quantize='int8' or 'int4'")
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, padded_vocab_size=None))
     layout = tensor_layout(abstract_params(config))
-    params = flatten(model.params)
+    params = flatten(params)
     shapes = {p: a.shape for p, a in flatten(abstract_params(config)).items()}
 
     def produce(key):

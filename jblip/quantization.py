@@ -129,6 +129,15 @@ def quantize_host(x: np.ndarray, like: QArray) -> QArray:
                       np.dtype(like.qvalue.dtype))
 
 
+def quantize_params(params, quantized_abstract):
+    """Float params (nested dicts) -> the same with every kernel the abstract tree holds as a
+    QArray quantised to that layout (stacked kernels as a whole: the layer axis gets its own
+    scales, as if each layer were quantised alone)."""
+    def one(x, like):
+        return jax.tree_util.tree_map(jnp.asarray, quantize_host(np.asarray(x), like)) if is_quantized(like) else x
+    return jax.tree_util.tree_map(one, params, quantized_abstract, is_leaf=is_quantized)
+
+
 def slice_like(like: QArray) -> QArray:
     """The abstract QArray of one layer of a stacked one (leading axis dropped)."""
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(tuple(a.shape[1:]), a.dtype), like)
