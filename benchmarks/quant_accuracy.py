@@ -49,16 +49,19 @@ def log_softmax(x):
 
 
 def compare(reference, quantised, inputs: dict, steps: int) -> dict:
-    """max |d| and mean KL of the logits, greedy agreement over `steps` tokens."""
+    """max |d| and mean KL of the logits, greedy agreement over `steps` tokens (none for 0)."""
     forward = dict(inputs)
     if reference.config.family == "t5":
         forward["decoder_input_ids"] = np.zeros((inputs["input_ids"].shape[0], 3), np.int32)
     a, b = (np.asarray(m.forward(**forward), np.float64) for m in (reference, quantised))
     la, lb = log_softmax(a), log_softmax(b)
     kl = float((np.exp(la) * (la - lb)).sum(-1).mean())
-    greedy = dict(max_new_tokens=steps, min_new_tokens=steps)
-    ta, tb = (np.asarray(m.generate(**inputs, **greedy).tokens) for m in (reference, quantised))
-    return dict(max_abs=float(np.abs(a - b).max()), kl=kl, agreement=float((ta == tb).mean()))
+    out = dict(max_abs=float(np.abs(a - b).max()), kl=kl)
+    if steps:
+        greedy = dict(max_new_tokens=steps, min_new_tokens=steps)
+        ta, tb = (np.asarray(m.generate(**inputs, **greedy).tokens) for m in (reference, quantised))
+        out["agreement"] = float((ta == tb).mean())
+    return out
 
 
 def measure(group_size: int = 16, steps: int = 32, families=tuple(BUILDERS), modes=("int8", "int4")) -> list[dict]:

@@ -6,6 +6,8 @@ Flan-T5); the family comes from `config.text.family`. Params tree:
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 from jblip import families
 from jblip.config import ModelConfig
 from jblip.layers import Linear
+from jblip.quantization import is_quantized
 from jblip.scan import check_remat
 from jblip.qformer import QFormer
 from jblip.vision import VisionTransformer
@@ -130,4 +133,6 @@ def init_params(config: ModelConfig, seed: int = 0):
 
 
 def count_params(tree) -> int:
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+    """Weights in the tree; a quantised kernel counts its values, not its scales."""
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)
+    return sum(math.prod(x.shape) for x in leaves)

@@ -174,4 +174,21 @@ def dense(x, kernel, n_in: int, dtype, preferred_element_type=None):
 
 def dtype_bits(dtype) -> int:
     dtype = np.dtype(dtype)
-    return jnp.iinfo(dtype).bits if dtype.kind in "iu" else dtype.itemsize * 8
+    return 4 if dtype in (np.dtype(jnp.int4), np.dtype(jnp.uint4)) else dtype.itemsize * 8  # numpy: 1 byte
+
+
+def weight_bytes(tree) -> int:
+    """Bytes of a params tree (arrays or shapes), int4 at half a byte, scales included."""
+    return sum(int(np.prod(x.shape)) * dtype_bits(x.dtype) // 8 for x in jax.tree_util.tree_leaves(tree))
+
+
+def memory_by_dtype(config, group_size: int = 128) -> dict[str, int]:
+    """Weight bytes of `config`'s model stored in float32, bfloat16, and with the language model
+    in int8 / int4 (the rest, and the scales, in bfloat16); from abstract shapes."""
+    from jblip.model import abstract_params
+    plain = dataclasses.replace(config, quantization=None)
+    out = {name: weight_bytes(abstract_params(plain.with_precision(name))) for name in ("float32", "bfloat16")}
+    for mode in MODES:
+        quantized = dataclasses.replace(plain.with_precision("bfloat16"), quantization=Quantization(mode, group_size))
+        out[mode] = weight_bytes(abstract_params(quantized))
+    return out
