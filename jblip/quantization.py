@@ -130,12 +130,16 @@ def quantize_host(x: np.ndarray, like: QArray) -> QArray:
 
 
 def quantize_params(params, quantized_abstract):
-    """Float params (nested dicts) -> the same with every kernel the abstract tree holds as a
-    QArray quantised to that layout (stacked kernels as a whole: the layer axis gets its own
-    scales, as if each layer were quantised alone)."""
+    """Float params (nested dicts, where they are: host or device) -> the same with every kernel
+    the abstract tree holds as a QArray quantised to that layout, on the kernel's device (stacked
+    kernels as a whole: the layer axis gets its own scales, as if each layer were quantised alone)."""
     def one(x, like):
-        return jax.tree_util.tree_map(jnp.asarray, quantize_host(np.asarray(x), like)) if is_quantized(like) else x
-    return jax.tree_util.tree_map(one, params, quantized_abstract, is_leaf=is_quantized)
+        if not is_quantized(like):
+            return x
+        how = how_from_shapes(like.qvalue.shape, like.scale.shape, like.qvalue.dtype)
+        q = jax.jit(lambda a: qwix_qarray.quantize(a.astype(jnp.float32), how))(x)
+        return QArray(q.qvalue, q.scale.astype(like.scale.dtype), None, np.dtype(like.qvalue.dtype))
+    return jax.tree_util.tree_map(one, params, quantized_abstract)
 
 
 def slice_like(like: QArray) -> QArray:
