@@ -220,7 +220,8 @@ def convert_params(source, rules: Iterable[Rule], abstract_params: Mapping, opti
         like = quantization.slice_like(leaf) if quantized and slot else leaf  # one layer's layout
         for member in group:
             key, rule = assignment[member]
-            x = convert_one(source.read(key), shape, rule, np.dtype(leaf.dtype))
+            # a kernel to quantise keeps its stored precision until qwix has quantised it
+            x = convert_one(source.read(key), shape, rule, None if quantized else np.dtype(leaf.dtype))
             arrays.append(quantization.quantize_host(x, like) if quantized else x)
             done += 1
             if progress is not None:

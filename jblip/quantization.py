@@ -19,6 +19,7 @@ streaming loader all see the quantised layout. The scale of a QArray says how it
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -119,14 +120,26 @@ def _host_device():
     return _CPU
 
 
+@functools.lru_cache(maxsize=64)
+def _quantizer(qvalue_shape: tuple, scale_shape: tuple, qtype: str, scale_dtype: str):
+    """qwix's quantisation of one layout as one jitted (fused) program, so the host holds no
+    float temporaries of the kernel's size besides its input."""
+    how = how_from_shapes(qvalue_shape, scale_shape, np.dtype(qtype))
+
+    def run(x):
+        q = qwix_qarray.quantize(x.astype(jnp.float32), how)
+        return q.qvalue, q.scale.astype(scale_dtype)
+    return jax.jit(run)
+
+
 def quantize_host(x: np.ndarray, like: QArray) -> QArray:
     """Quantise one host array to the layout of the abstract QArray `like` (shapes of qvalue
     and scale, qvalue and scale dtypes); computed by qwix on the host CPU, returned as numpy."""
-    how = how_from_shapes(like.qvalue.shape, like.scale.shape, like.qvalue.dtype)
+    fn = _quantizer(tuple(like.qvalue.shape), tuple(like.scale.shape), str(np.dtype(like.qvalue.dtype)),
+                    str(np.dtype(like.scale.dtype)))
     with jax.default_device(_host_device()):
-        q = qwix_qarray.quantize(jnp.asarray(x, jnp.float32), how)
-        return QArray(np.asarray(q.qvalue), np.asarray(q.scale.astype(like.scale.dtype)), None,
-                      np.dtype(like.qvalue.dtype))
+        qvalue, scale = fn(jax.device_put(x, _host_device()))
+        return QArray(np.asarray(qvalue), np.asarray(scale), None, np.dtype(like.qvalue.dtype))
 
 
 def quantize_params(params, quantized_abstract):
