@@ -116,6 +116,20 @@ def test_corrupt_or_mismatched_quantised_checkpoint_is_one_clear_error(models, t
         jblip.load_pretrained(out)
 
 
+def test_convert_cli_writes_a_quantised_checkpoint_with_its_tokenizers(tmp_path, capsys):
+    from jblip.cli import main
+    from jblip.pipeline import DEFAULT_MODEL
+    out = str(tmp_path / "demo-int8")
+    assert main(["convert", DEFAULT_MODEL, out, "--quantize", "int8"]) == 0
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    assert os.path.isfile(os.path.join(out, "qformer_tokenizer", "tokenizer.json"))
+    size, original = (os.path.getsize(os.path.join(d, "model.safetensors")) for d in (out, DEFAULT_MODEL))
+    assert size < 0.9 * original, (size, original)
+    assert jblip.load_pretrained(out).config.quantization == Quantization("int8")
+    assert main(["info", "--model", out]) == 0
+    assert "int4" in capsys.readouterr().out
+
+
 def test_int4_packing_round_trips_odd_lengths():
     q = np.arange(-8, 8).reshape(2, 8)[:, :7].astype(np.dtype("int4"))
     packed = pack_int4(q)
