@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,15 +28,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import qwix
-from qwix._src.core import qarray as qwix_qarray
 
 from jblip.config_checks import ConfigError
 
-QArray = qwix.QArray
 CONFIG_KEY = "jblip_quantization"  # the config.json field of an already-quantised checkpoint
 MODES = {"int8": jnp.int8, "int4": jnp.int4}
 TOWERS = ("llm", "vision")
+
+
+def _qwix():
+    """qwix, imported when a quantised model is first built (an optional extra)."""
+    try:
+        import qwix
+    except ImportError:
+        raise ImportError("int8 / int4 weights need qwix: pip install 'jblip[quant]'") from None
+    return qwix
+
+
+def _qarray_module():
+    from qwix._src.core import qarray  # HowToQuantize, quantize, get_scale_shape: not in qwix's top level
+    return qarray
+
+
+def QArray(qvalue, scale, zero_point=None, qtype=None):
+    """A `qwix.QArray`."""
+    return _qwix().QArray(qvalue, scale, zero_point, qtype)
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,7 @@ class Quantization:
         if bad or not towers:
             raise ConfigError(f"quantize_towers must name some of {TOWERS}, got {list(self.towers)}")
         object.__setattr__(self, "towers", towers)
+        _qwix()  # a missing qwix fails here, with the install hint, not at the first matmul
 
     @property
     def qtype(self) -> np.dtype:
@@ -63,9 +81,10 @@ class Quantization:
     def for_tower(self, tower: str) -> "Quantization | None":
         return self if tower in self.towers else None
 
-    def how(self, shape: Sequence[int], n_in: int) -> qwix_qarray.HowToQuantize:
+    def how(self, shape: Sequence[int], n_in: int):
         """qwix's recipe for a kernel whose first `n_in` axes are contracted."""
         out_axes = list(range(n_in, len(shape)))
+        qwix_qarray = _qarray_module()
         if self.mode == "int8":
             return qwix_qarray.HowToQuantize(qtype=self.qtype, channelwise_axes=out_axes)
         inner = n_in - 1
@@ -74,7 +93,7 @@ class Quantization:
         return qwix_qarray.HowToQuantize(qtype=self.qtype, channelwise_axes=out_axes, tiled_axes=tiles)
 
     def scale_shape(self, shape: Sequence[int], n_in: int) -> tuple[int, ...]:
-        return tuple(qwix_qarray.get_scale_shape(tuple(shape), self.how(shape, n_in)))
+        return tuple(_qarray_module().get_scale_shape(tuple(shape), self.how(shape, n_in)))
 
     @classmethod
     def parse(cls, value, group_size: int | None = None, towers: Sequence[str] | None = None):
@@ -94,7 +113,7 @@ class Quantization:
         return dataclasses.replace(value, **{k: tuple(v) if k == "towers" else v for k, v in changes.items()})
 
 
-def how_from_shapes(qvalue_shape: Sequence[int], scale_shape: Sequence[int], qtype) -> qwix_qarray.HowToQuantize:
+def how_from_shapes(qvalue_shape: Sequence[int], scale_shape: Sequence[int], qtype):
     """The recipe a QArray of these shapes was made with (scale == axis: per index; 1: reduced;
     else groups of axis // scale)."""
     channelwise, tiles = [], {}
@@ -103,11 +122,12 @@ def how_from_shapes(qvalue_shape: Sequence[int], scale_shape: Sequence[int], qty
             channelwise.append(axis)
         elif s != 1:
             tiles[axis] = n // s
-    return qwix_qarray.HowToQuantize(qtype=qtype, channelwise_axes=channelwise, tiled_axes=tiles)
+    return _qarray_module().HowToQuantize(qtype=qtype, channelwise_axes=channelwise, tiled_axes=tiles)
 
 
 def is_quantized(x) -> bool:
-    return isinstance(x, QArray)
+    qwix = sys.modules.get("qwix")  # not imported: nothing can be quantised
+    return qwix is not None and isinstance(x, qwix.QArray)
 
 
 _CPU = None
@@ -127,7 +147,7 @@ def _quantizer(qvalue_shape: tuple, scale_shape: tuple, qtype: str, scale_dtype:
     how = how_from_shapes(qvalue_shape, scale_shape, np.dtype(qtype))
 
     def run(x):
-        q = qwix_qarray.quantize(x.astype(jnp.float32), how)
+        q = _qarray_module().quantize(x.astype(jnp.float32), how)
         return q.qvalue, q.scale.astype(scale_dtype)
     return jax.jit(run)
 
@@ -150,7 +170,7 @@ def quantize_params(params, quantized_abstract):
         if not is_quantized(like):
             return x
         how = how_from_shapes(like.qvalue.shape, like.scale.shape, like.qvalue.dtype)
-        q = jax.jit(lambda a: qwix_qarray.quantize(a.astype(jnp.float32), how))(x)
+        q = jax.jit(lambda a: _qarray_module().quantize(a.astype(jnp.float32), how))(x)
         return QArray(q.qvalue, q.scale.astype(like.scale.dtype), None, np.dtype(like.qvalue.dtype))
     return jax.tree_util.tree_map(one, params, quantized_abstract)
 
@@ -174,7 +194,7 @@ def kernel_param(module: nn.Module, name: str, init, shape, axes, n_in: int, par
     how = quant.how(shape, n_in)
 
     def quantized_init(key):
-        q = qwix_qarray.quantize(init(key, shape, jnp.float32), how)
+        q = _qarray_module().quantize(init(key, shape, jnp.float32), how)
         return QArray(_boxed(q.qvalue, axes), _boxed(q.scale.astype(param_dtype), axes), None, quant.qtype)
     return module.param(name, quantized_init)
 
@@ -185,7 +205,7 @@ def dense(x, kernel, n_in: int, dtype, preferred_element_type=None):
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     dims = (contract, ((), ()))
     if is_quantized(kernel):
-        return qwix.dot_general(x, kernel, dims, preferred_element_type=preferred_element_type)
+        return _qwix().dot_general(x, kernel, dims, preferred_element_type=preferred_element_type)
     return jax.lax.dot_general(x, kernel, dims, preferred_element_type=preferred_element_type)
 
 
