@@ -14,7 +14,9 @@ weights drawn on the device (no checkpoint, nothing through host memory). Prints
             1 new tokens), so prefill and the image towers cancel out. Floor: the bytes a
             step must read (every LLM weight but the input-embedding table, of which one
             row per token is gathered, plus the KV cache at its final length) over the
-            copy bandwidth. Compile time (first call minus a steady call) apart.
+            copy bandwidth. Compile time (first call minus a steady call) apart. The same
+            again with the LLM's kernels weight-only int8 (`--quantize`, cases `_int8`):
+            half the weight bytes per step, so up to ~2x on a memory-bound decode.
   train     one training step (`train.step.make_train_step`: forward, backward, AdamW) at
             batch 8, trainable sets `qformer` (InstructBLIP's recipe) and `all`. Model
             FLOPs, counted from the param counts (2 per param per token in a matmul pass;
@@ -124,6 +126,7 @@ def decode_inputs(config, batch: int, prompt: int, instruction: int, seed: int =
 def decode_case(model, batch: int, shapes: dict, bandwidth: float) -> dict:
     import jax
     import jax.numpy as jnp
+    from jblip.quantization import weight_bytes
     new, repeats = shapes["new"], shapes["repeats"]
     inputs = decode_inputs(model.config, batch, shapes["prompt"], shapes["instruction"])
 
@@ -143,11 +146,12 @@ def decode_case(model, batch: int, shapes: dict, bandwidth: float) -> dict:
     step = max(t_n - t_1, 1e-9) / (new - 1)
 
     text, llm = model.config.text, model.params["llm"]
-    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(llm)) - llm["embed_tokens"]["embedding"].nbytes
+    weights = weight_bytes(llm) - weight_bytes(llm["embed_tokens"])
     slots = model.config.num_query_tokens + shapes["prompt"] + new
     kv = 2 * text.num_layers * batch * slots * text.num_kv_heads * text.head_dim * jnp.dtype(text_dtype(model)).itemsize
     floor = (weights + kv) / bandwidth
-    return dict(case=f"greedy_b{batch}", tokens_s=batch / step, step_ms=1e3 * step, floor_ms=1e3 * floor,
+    quantized = model.config.quantization
+    return dict(case=f"greedy_b{batch}" + (f"_{quantized.mode}" if quantized else ""), tokens_s=batch / step, step_ms=1e3 * step, floor_ms=1e3 * floor,
                 measured_over_floor=step / floor, weight_mb=weights / 1e6, kv_mb=kv / 1e6,
                 compile_s=max(first_s - t_n, 0.0), new_tokens=new)
 
@@ -226,6 +230,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="timed train steps per set (median)")
     parser.add_argument("--all-llm-layers", type=int, help="LLM depth for the `all` train step (0: full)")
     parser.add_argument("--skip", default="", help="comma-separated: decode, train")
+    parser.add_argument("--quantize", default="int8", help="decode cases also with these weight-only modes "
+                                                           "(comma-separated: int8, int4; '' for none)")
     args = parser.parse_args(argv)
     shapes = dict(SMALL if args.small else FULL)
     for key in ("new", "repeats", "steps", "all_llm_layers"):
@@ -236,7 +242,9 @@ def main(argv=None):
 
     import jax
     from jblip.config import preset
+    from jblip.model import abstract_params
     from jblip.pretrained import VisionLanguageModel
+    from jblip.quantization import Quantization, quantize_params
     device = jax.devices()[0]
     bandwidth = copy_bandwidth(shapes["copy_bytes"])
     measured_peak = matmul_flops(shapes["matmul"])
@@ -250,10 +258,18 @@ def main(argv=None):
     skip = set(filter(None, args.skip.split(",")))
     if "decode" not in skip:
         config = base.with_precision("bfloat16")
-        model = VisionLanguageModel(config, random_params(config))
+        params = random_params(config)
+        model = VisionLanguageModel(config, params)
         for batch in (1, 8):
             line("decode", decode_case(model, batch, shapes, bandwidth))
         del model
+        for mode in filter(None, args.quantize.split(",")):
+            quantized = dataclasses.replace(config, quantization=Quantization(mode))
+            model = VisionLanguageModel(quantized, quantize_params(params, abstract_params(quantized)))
+            for batch in (1, 8):
+                line("decode", decode_case(model, batch, shapes, bandwidth))
+            del model
+        del params
     if "train" not in skip:
         for trainable_set in ("qformer", "all"):
             layers = shapes["all_llm_layers"] if trainable_set == "all" else 0

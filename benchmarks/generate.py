@@ -179,6 +179,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="CPU cores for both libraries (process affinity + torch threads); default: all")
     parser.add_argument("--cases", help="comma-separated subset of " + ",".join(c[0] for c in CASES))
+    parser.add_argument("--quantize", default="", help="also time weight-only quantised copies of the jblip "
+                                                      "model in the same run: int8, int4 or int8,int4")
     args = parser.parse_args(argv)
     shapes = QUICK if args.quick else FULL
     new = args.new or shapes["new_tokens"]
@@ -198,6 +200,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as path:
         hf = build_hf_model(path, shapes)
         model = jblip.load_pretrained(path, precision="float32")
+        quantized = {mode: jblip.load_pretrained(path, precision="float32", quantize=mode)
+                     for mode in filter(None, args.quantize.split(","))}
     n_params = count_params(model.params)
     n_llm = count_params(model.params["llm"])
     bandwidth = copy_bandwidth(shapes["copy_bytes"])
@@ -214,16 +218,26 @@ def main(argv=None):
         first_s, ours_tokens = timed(ours)  # compiles
         _, ref_tokens = timed(ref)          # warm-up
         runners = {"jblip": ours, "hf": ref}
+        q_tokens = {}
+        for mode, qmodel in quantized.items():  # timed interleaved with the float runs
+            runners[mode] = jblip_runner(qmodel, inputs, new, beams)
+            q_tokens[mode] = runners[mode]()  # compiles
         if batch == 1:  # one-token runs isolate the per-step cost
             runners.update(jblip_1=jblip_runner(model, inputs, 1, beams), hf_1=hf_runner(hf, inputs, 1, beams))
-            for fn in (runners["jblip_1"], runners["hf_1"]):
-                fn()
+            runners.update({f"{mode}_1": jblip_runner(qmodel, inputs, 1, beams) for mode, qmodel in quantized.items()})
+            for key in ["jblip_1", "hf_1", *(f"{mode}_1" for mode in quantized)]:
+                runners[key]()
         med = interleaved_medians(runners, repeats)
         tokens = batch * new  # beam search returns one sequence per input
         row = dict(case=name, jblip_tok_s=tokens / med["jblip"], hf_tok_s=tokens / med["hf"],
                    ratio=med["hf"] / med["jblip"], jblip_compile_s=max(first_s - med["jblip"], 0.0),
                    jblip_s=med["jblip"], hf_s=med["hf"],
                    same_tokens=float(np.mean(np.all(ours_tokens == ref_tokens, axis=-1))))
+        for mode in quantized:
+            row.update({f"{mode}_tok_s": tokens / med[mode], f"{mode}_speedup": med["jblip"] / med[mode],
+                        f"{mode}_same_tokens_as_fp32": float(np.mean(np.all(q_tokens[mode] == ours_tokens, axis=-1)))})
+            if batch == 1:
+                row[f"{mode}_step_ms"] = 1e3 * (med[mode] - med[f"{mode}_1"]) / (new - 1)
         if batch == 1:
             step_ours = (med["jblip"] - med["jblip_1"]) / (new - 1)
             step_ref = (med["hf"] - med["hf_1"]) / (new - 1)

@@ -17,6 +17,10 @@ runs twice: with the default rules (every weight split over fsdp) and with the
 Q-Former replicated (`override_rules(qf_embed=None)`: on 8 CPU "devices" that
 holds it 8 times, which shows why the default shards it).
 The goal is peak RSS <= 1.3x the checkpoint size.
+
+`--quantize int8` (or int4) replaces the replicated-Q-Former case by a load that quantises
+the language model as it reads it (`--quantize-towers llm,vision` the ViT too,
+`--precision bfloat16` keeps the float params in bf16); goal peak RSS <= 0.8x the checkpoint.
 """
 from __future__ import annotations
 
@@ -100,7 +104,8 @@ def _rss_gib() -> tuple[float, float]:
     return tuple(int(fields[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))
 
 
-def load_and_measure(path: str, spec: str, replicate_qformer: bool):
+def load_and_measure(path: str, spec: str, replicate_qformer: bool, quantize=None, towers="llm",
+                     precision="float32"):
     """Runs in the fresh subprocess: import, load onto the mesh, print one JSON line."""
     import jax
     import jblip
@@ -109,7 +114,8 @@ def load_and_measure(path: str, spec: str, replicate_qformer: bool):
     rules = sharding.override_rules(qf_embed=None) if replicate_qformer else None
     mesh = sharding.make_mesh(spec)
     start = time.perf_counter()
-    model = jblip.load_pretrained(path, mesh=mesh, rules=rules)
+    model = jblip.load_pretrained(path, precision, mesh=mesh, rules=rules, quantize=quantize,
+                                  quantize_towers=tuple(towers.split(",")))
     jax.block_until_ready(model.params)
     seconds = time.perf_counter() - start
     current, peak = _rss_gib()
@@ -139,9 +145,14 @@ def main():
     parser.add_argument("--_load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_write", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_replicate_qformer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", choices=("int8", "int4"), help="also load with weight-only quantisation")
+    parser.add_argument("--quantize-towers", default="llm")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="with --quantize: the float params' dtype")
     args = parser.parse_args()
     if args._load:
-        return load_and_measure(args.dir, args.mesh, args._replicate_qformer)
+        return load_and_measure(args.dir, args.mesh, args._replicate_qformer, args.quantize, args.quantize_towers,
+                                args.precision)
     if args._write:
         return print(write_checkpoint(args.dir, args.size_gb))
 
@@ -150,13 +161,16 @@ def main():
         print(f"checkpoint {ckpt:.2f} GiB (float32) in {args.dir}", flush=True)
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
                "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-        for replicate in (False, True):
-            flags = ["--_load", "--dir", args.dir, "--mesh", args.mesh]
-            flags += ["--_replicate_qformer"] if replicate else []
+        quantized = ["--quantize", args.quantize, "--quantize-towers", args.quantize_towers,
+                     "--precision", args.precision] if args.quantize else None
+        for case in ([], ["--_replicate_qformer"]) if quantized is None else ([], quantized):
+            flags = ["--_load", "--dir", args.dir, "--mesh", args.mesh, *case]
             r = json.loads(_child(*flags, env=env))
-            label = "qformer replicated" if replicate else "default rules     "
+            label = ("qformer replicated" if case else "default rules     ") if quantized is None else (
+                f"{args.quantize} ({args.quantize_towers}, {args.precision})" if case else "float32           ")
+            goal = 0.8 if case and quantized else 1.3
             print(f"load {label} mesh={args.mesh} checkpoint={ckpt:.2f}GiB peak_rss={r['peak_rss_gib']:.2f}GiB "
-                  f"ratio={r['peak_rss_gib'] / ckpt:.2f} (goal <= 1.3) load_s={r['load_s']:.1f} "
+                  f"ratio={r['peak_rss_gib'] / ckpt:.2f} (goal <= {goal}) load_s={r['load_s']:.1f} "
                   f"rss_before_load={r['rss_before_load_gib']:.2f}GiB params_on_devices={r['device_bytes_gib']:.2f}GiB",
                   flush=True)
     finally:

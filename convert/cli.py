@@ -3,8 +3,11 @@
     jblip convert ./instructblip-vicuna-7b-bin ./out                  # HF folder (.bin or safetensors)
     jblip convert --lavis instruct_blip_vicuna7b_trimmed.pth --vit eva_vit_g.pth \\
                   --llm ./vicuna-7b-v1.1 --preset instructblip-vicuna-7b ./out
+    jblip convert ./instructblip-vicuna-13b ./vicuna-13b-int8 --quantize int8   # quantise once
 Tensors stream one at a time from the source files to the output shards, in
-their stored dtype unless --dtype asks for a cast.
+their stored dtype unless --dtype asks for a cast. With --quantize the output is an
+already-quantised jblip checkpoint (`jblip.convert.quantized`; jblip loads it, transformers
+does not), tokenizer files copied along.
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in DST")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--quantize", choices=("int8", "int4"),
+                        help="write an already-quantised jblip checkpoint (weight-only; from a HF folder)")
+    parser.add_argument("--group-size", type=int, default=128, help="with --quantize int4: values per scale")
+    parser.add_argument("--quantize-towers", default="llm", help="with --quantize: llm, vision or llm,vision")
 
 
 class Progress:
@@ -70,7 +77,38 @@ def _hf_source(src: str, args):
     return config, source, hf_rules(config)
 
 
+WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt", ".index.json")
+
+
+def run_quantize(args) -> int:
+    """SRC (a HF folder) -> DST, an already-quantised jblip checkpoint plus SRC's tokenizer files."""
+    import shutil
+
+    from jblip.convert.quantized import save_quantized
+    from jblip.pretrained import load_pretrained
+
+    if args.lavis or len(args.paths) != 2 or not os.path.isdir(args.paths[0]):
+        raise ValueError("--quantize converts a HF checkpoint folder: jblip convert SRC_DIR DST --quantize int8")
+    src, dst = args.paths
+    towers = tuple(t.strip() for t in args.quantize_towers.split(",") if t.strip())
+    model = load_pretrained(src, "bfloat16" if args.dtype == "bfloat16" else "float32", quantize=args.quantize,
+                            quantize_towers=towers, group_size=args.group_size)
+    target = save_quantized(model, dst, overwrite=args.overwrite)
+    for name in sorted(os.listdir(src)):  # tokenizers and the like, never weights or the config
+        if name == "config.json" or name.endswith(WEIGHT_FILES):
+            continue
+        here, there = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isdir(here):
+            shutil.copytree(here, there, dirs_exist_ok=True)
+        else:
+            shutil.copy2(here, there)
+    print(f"wrote {target}: {os.path.getsize(target) / 1e6:.1f} MB, {args.quantize} ({', '.join(towers)})")
+    return 0
+
+
 def run(args) -> int:
+    if args.quantize:
+        return run_quantize(args)
     from jblip.convert.export import LazyParams, export_hf
     from jblip.convert.lavis import LavisCheckpoint
     from jblip.model import abstract_params

@@ -204,6 +204,9 @@ def export_hf(model_or_config, out_dir: str, params=None, max_shard_bytes: int |
             raise ValueError("export_hf(config, out_dir, params=...): params are required with a config")
     else:
         config, params = model_or_config.config, model_or_config.params if params is None else params
+    if config.quantization is not None:
+        raise ValueError("a quantised model has no HF layout: save it with jblip.convert.quantized.save_quantized "
+                         "(or `jblip convert SRC DST --quantize MODE` from the float checkpoint)")
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, padded_vocab_size=None))
     dtype = None if dtype is None else np.dtype(dtype)
     flat = params if isinstance(params, LazyParams) else stacking.PerLayerView(flatten(params))

@@ -5,11 +5,13 @@ storage dtypes per tower) both read checkpoints through `load_params`.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,9 +19,11 @@ from jblip import sharding
 from jblip.config import ModelConfig, Precision, from_hf_config, untie_if_present
 from jblip.convert.fuse import FuseQVBias
 from jblip.convert.hf import hf_rules
+from jblip.convert.quantized import read_quantized
 from jblip.convert.readers import open_checkpoint
 from jblip.convert.rules import convert_params, flatten
 from jblip.model import abstract_params
+from jblip.quantization import Quantization
 
 
 class NonFiniteWeightsWarning(RuntimeWarning):
@@ -34,8 +38,8 @@ class NonFiniteWatch:
         self.place, self.bad = place, []
 
     def __call__(self, path, x):
-        x = np.asarray(x)
-        if x.dtype.kind in "fcV" and x.size and not np.isfinite(x).all():  # V: bfloat16 / float8 (ml_dtypes)
+        leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(x)]  # a quantised kernel: its scale
+        if any(a.dtype.kind in "fcV" and a.size and not np.isfinite(a).all() for a in leaves):  # V: bfloat16
             self.bad.append(path)
         return self.place(path, x)
 
@@ -48,28 +52,42 @@ class NonFiniteWatch:
 
 def load_params(path: str, precision: Precision | str = "float32", mesh=None, rules=None,
                 storage: Callable[[ModelConfig], dict] | None = None,
-                progress: Callable[[int, int, str], None] | None = None) -> tuple[ModelConfig, dict]:
+                progress: Callable[[int, int, str], None] | None = None,
+                quantization: Quantization | None = None) -> tuple[ModelConfig, dict]:
     """Read the checkpoint at `path` (a local directory) into params.
 
     With a `mesh`, each tensor goes straight from the file into its sharded array as it is
     read (one host tensor, or one stacked param, alive at a time; every process keeps only the
     slices its devices hold) and the LM vocabulary is zero-padded to divide its mesh axes.
     `storage(config)` gives the abstract params (shapes and the dtype each leaf is stored in);
-    default: the config's param dtype. Returns (config, params), the config vocab-padded as placed.
+    default: the config's param dtype. With `quantization`, the kernels it names are quantised
+    as each tensor is read (`jblip.quantization`). Returns (config, params), the config
+    vocab-padded as placed.
     """
     config = from_hf_config(path, name=os.path.basename(os.path.normpath(path))).with_precision(precision)
+    stored = config.quantization  # set when the checkpoint is already quantised (convert/quantized.py)
+    if stored is not None and quantization not in (None, stored):
+        raise ValueError(f"{path} is already quantised ({stored.mode}, group_size {stored.group_size}, towers "
+                         f"{list(stored.towers)}); load it without quantize= or with the same settings")
+    if quantization is not None:
+        config = dataclasses.replace(config, quantization=quantization)
     with open_checkpoint(path) as source:
-        config = untie_if_present(config, source.keys())
+        if stored is None:
+            config = untie_if_present(config, source.keys())
         abstract = (storage or abstract_params)(config)  # the checkpoint's shapes
-        place = lambda _, x: jnp.asarray(x)
+        place = lambda _, x: jax.tree_util.tree_map(jnp.asarray, x)
         if mesh is not None:
             rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
             config = sharding.pad_vocab(config, mesh, rules)
             boxed = abstract_params(config, boxed=True)
             targets = flatten(sharding.param_shardings(boxed, mesh, rules))
             shapes = flatten(nn.unbox(boxed))  # padded where the vocab is
-            place = lambda p, x: sharding.place(x, targets[p], shapes[p].shape)
+            place = lambda p, x: jax.tree_util.tree_map(lambda a, t, s: sharding.place(a, t, s.shape),
+                                                        x, targets[p], shapes[p])
         watch = NonFiniteWatch(place)
-        params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress)
+        if stored is not None:
+            params = read_quantized(path, abstract, watch)
+        else:
+            params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress)
     watch.warn(path)
     return config, params

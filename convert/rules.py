@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from jblip import quantization
 from jblip.convert import stacking
 
 
@@ -200,7 +201,8 @@ def convert_params(source, rules: Iterable[Rule], abstract_params: Mapping, opti
     leaves with .shape/.dtype (e.g. from jax.eval_shape). `place(path, array)`
     may move each array to its device/sharding as soon as it is read; a stacked
     param is read slice by slice and placed whole, so host memory holds at most
-    one stacked param at a time.
+    one stacked param at a time. A leaf that is a quantised kernel (`jblip.quantization`)
+    is quantised slice by slice as it is read, so only its int form is ever stacked.
     """
     targets = flatten(abstract_params)
     assignment = plan({k: source.shape(k) for k in source.keys()}, rules, targets, optional)
@@ -213,10 +215,14 @@ def convert_params(source, rules: Iterable[Rule], abstract_params: Mapping, opti
         if slot is not None and len(group) != leaf.shape[0]:
             raise ConversionError(f"{path}: the checkpoint fills {len(group)} of its {leaf.shape[0]} layers")
         arrays = []
+        shape = tuple(leaf.shape[1:] if slot else leaf.shape)
+        quantized = quantization.is_quantized(leaf)
+        like = quantization.slice_like(leaf) if quantized and slot else leaf  # one layer's layout
         for member in group:
             key, rule = assignment[member]
-            arrays.append(convert_one(source.read(key), tuple(leaf.shape[1:] if slot else leaf.shape), rule,
-                                      np.dtype(leaf.dtype)))
+            # a kernel to quantise keeps its stored precision until qwix has quantised it
+            x = convert_one(source.read(key), shape, rule, None if quantized else np.dtype(leaf.dtype))
+            arrays.append(quantization.quantize_host(x, like) if quantized else x)
             done += 1
             if progress is not None:
                 progress(done, len(assignment), member)

@@ -13,6 +13,7 @@ from typing import Any, Union
 
 from jblip import bounded_json
 from jblip.config_checks import ConfigError, check_shapes, checked_fields
+from jblip.quantization import CONFIG_KEY as QUANTIZATION_KEY, Quantization
 
 
 def _from_dict(cls, d: dict, what: str):
@@ -184,6 +185,7 @@ class ModelConfig:
     image_token_index: int | None = None   # None: legacy layout, queries prepended
     precision: Precision = field(default_factory=Precision)
     name: str = "custom"
+    quantization: Quantization | None = None  # weight-only int8/int4 kernels (jblip.quantization)
 
     def __post_init__(self):
         # The projection writes the queries at the language model's hidden width; a model whose
@@ -223,6 +225,7 @@ class ModelConfig:
             qformer=_from_dict(QFormerConfig, d.pop("qformer", {}), "qformer"),
             text=_from_dict(TEXT_CONFIGS[family], text, f"text ({family})"),
             precision=_from_dict(Precision, d.pop("precision", {}), "precision"),
+            quantization=Quantization.parse(d.pop("quantization", None)),
         )
         return _from_dict(cls, {**d, **parts}, "model")
 
@@ -330,7 +333,8 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
     if "image_token_index" not in top and cfg.get("image_token_id") is not None:
         top = checked_fields(ModelConfig, dict(image_token_index=cfg["image_token_id"]), "",
                              dict(image_token_index="image_token_id"))
-    config = ModelConfig(vision=vision, qformer=qformer, text=text, name=name, **top)
+    quantization = Quantization.parse(cfg.get(QUANTIZATION_KEY))  # set in already-quantised jblip checkpoints
+    config = ModelConfig(vision=vision, qformer=qformer, text=text, name=name, quantization=quantization, **top)
     check_shapes(config)
     return config
 

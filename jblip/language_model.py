@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from jblip import kv_cache
-from jblip.layers import init_normal, logical_param
+from jblip.layers import init_normal
+from jblip.quantization import Quantization, dense, kernel_param
 
 
 @flax.struct.dataclass
@@ -85,13 +86,13 @@ class LMHead(nn.Module):
     vocab_rows: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    quant: Quantization | None = None
 
     @nn.compact
     def __call__(self, x):
-        kernel = logical_param(self, "kernel", init_normal(), (self.width, self.vocab_rows), ("embed", "vocab"),
-                               self.param_dtype)
-        return jnp.einsum("...D,DV->...V", x.astype(self.dtype), kernel.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        kernel = kernel_param(self, "kernel", init_normal(), (self.width, self.vocab_rows), ("embed", "vocab"), 1,
+                              self.param_dtype, self.quant)
+        return dense(x, kernel, 1, self.dtype, preferred_element_type=jnp.float32)
 
 
 def tied_logits(x, embedding, dtype):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jblip.attention import (NEG_INF, attention, causal_bias, full_bias, key_padding_bias,  # noqa: F401
                              mask_to_bias, xla_attention)
+from jblip.quantization import Quantization, dense, kernel_param
 
 Dtype = jnp.dtype
 
@@ -46,17 +47,16 @@ class Linear(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = init_normal()
+    quant: Quantization | None = None  # weight-only int8/int4 kernel (jblip.quantization)
 
     @nn.compact
     def __call__(self, x):
         in_shape, out_shape = tuple(self.in_shape), tuple(self.out_shape)
         assert len(self.axes) == len(in_shape) + len(out_shape), self.axes
-        kernel = logical_param(self, "kernel", self.kernel_init, in_shape + out_shape,
-                               tuple(self.axes), self.param_dtype)
         n_in = len(in_shape)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        kernel = kernel_param(self, "kernel", self.kernel_init, in_shape + out_shape, self.axes, n_in,
+                              self.param_dtype, self.quant)
+        y = dense(x, kernel, n_in, self.dtype)
         if self.use_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros, out_shape,
                                  tuple(self.axes[n_in:]), self.param_dtype)

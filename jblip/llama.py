@@ -16,6 +16,7 @@ from jblip import kv_cache
 from jblip.config import LlamaConfig
 from jblip.language_model import DecoderOnlyLM, LMHead, tied_logits
 from jblip.layers import Embed, LayerNorm, Linear, activation, attention, causal_bias
+from jblip.quantization import Quantization
 from jblip.scan import stack
 
 Dtype = jnp.dtype
@@ -42,12 +43,13 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     @nn.compact
     def __call__(self, x, cos, sin, bias, cache, layer, slot):
         c = self.config
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant)
         q = Linear((D,), (N, H), ("embed", "heads", "kv"), name="q_proj", **dense)(x)
         k = Linear((D,), (K, H), ("embed", "kv_heads", "kv"), name="k_proj", **dense)(x)
         v = Linear((D,), (K, H), ("embed", "kv_heads", "kv"), name="v_proj", **dense)(x)
@@ -66,11 +68,12 @@ class LlamaMLP(nn.Module):
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant)
         gate = Linear((c.hidden_size,), (c.intermediate_size,), ("embed", "mlp"), name="gate_proj", **dense)(x)
         up = Linear((c.hidden_size,), (c.intermediate_size,), ("embed", "mlp"), name="up_proj", **dense)(x)
         h = activation(c.hidden_act)(gate) * up
@@ -83,6 +86,7 @@ class LlamaBlock(nn.Module):
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     @nn.compact
     def __call__(self, carry, layer, cos, sin, bias, slot):
@@ -90,10 +94,10 @@ class LlamaBlock(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(eps=c.rms_norm_eps, rms=True, use_bias=False, **kw)
-        h, cache = LlamaAttention(c, name="self_attn", **kw)(
+        h, cache = LlamaAttention(c, name="self_attn", quant=self.quant, **kw)(
             LayerNorm(name="input_layernorm", **norm)(x), cos, sin, bias, cache, layer, slot)
         x = x + h
-        x = x + LlamaMLP(c, name="mlp", **kw)(LayerNorm(name="post_attention_layernorm", **norm)(x))
+        x = x + LlamaMLP(c, name="mlp", quant=self.quant, **kw)(LayerNorm(name="post_attention_layernorm", **norm)(x))
         return (nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache), None
 
 
@@ -102,16 +106,17 @@ class LlamaModel(DecoderOnlyLM):
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"  # named policy, see jblip.scan
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = Embed(c.vocab_rows, c.hidden_size, ("vocab", "embed"), **kw)
         broadcast = (nn.broadcast,) * 4  # cos, sin, bias, slot: the same for every layer
-        self.layers = stack(LlamaBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat)(c, **kw)
+        self.layers = stack(LlamaBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat)(c, quant=self.quant, **kw)
         self.norm = LayerNorm(eps=c.rms_norm_eps, rms=True, use_bias=False, **kw)
         if not c.tie_word_embeddings:
-            self.lm_head = LMHead(c.hidden_size, c.vocab_rows, **kw)
+            self.lm_head = LMHead(c.hidden_size, c.vocab_rows, quant=self.quant, **kw)
 
     def embed(self, ids):
         return self.embed_tokens(ids)

@@ -6,6 +6,8 @@ Flan-T5); the family comes from `config.text.family`. Params tree:
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 from jblip import families
 from jblip.config import ModelConfig
 from jblip.layers import Linear
+from jblip.quantization import is_quantized
 from jblip.scan import check_remat
 from jblip.qformer import QFormer
 from jblip.vision import VisionTransformer
@@ -39,14 +42,15 @@ class BlipModel(nn.Module):
         c, p = self.config, self.config.precision
         check_remat(self.remat)
         param_dtype = jnp.dtype(p.param_dtype)
+        quant = c.quantization
         self.vision = VisionTransformer(c.vision, dtype=jnp.dtype(p.vision), param_dtype=param_dtype,
-                                        remat=self.remat)
+                                        remat=self.remat, quant=quant and quant.for_tower("vision"))
         self.qformer = QFormer(c.qformer, c.num_query_tokens, dtype=jnp.dtype(p.qformer), param_dtype=param_dtype,
                                remat=self.remat)
         self.projection = Linear((c.qformer.hidden_size,), (c.text.hidden_size,), ("qf_embed", "embed"),
                                  use_bias=True, dtype=jnp.dtype(p.qformer), param_dtype=param_dtype)
         self.llm = language_model_class(c.family)(c.text, dtype=jnp.dtype(p.text), param_dtype=param_dtype,
-                                                  remat=self.remat)
+                                                  remat=self.remat, quant=quant and quant.for_tower("llm"))
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -129,4 +133,6 @@ def init_params(config: ModelConfig, seed: int = 0):
 
 
 def count_params(tree) -> int:
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+    """Weights in the tree; a quantised kernel counts its values, not its scales."""
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)
+    return sum(math.prod(x.shape) for x in leaves)

@@ -26,6 +26,7 @@ from jblip import kv_cache
 from jblip.config import OPTConfig
 from jblip.language_model import DecoderOnlyLM, tied_logits
 from jblip.layers import Embed, LayerNorm, Linear, activation, attention, causal_bias
+from jblip.quantization import Quantization
 from jblip.scan import stack
 
 Dtype = jnp.dtype
@@ -36,12 +37,13 @@ class OPTAttention(nn.Module):
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     @nn.compact
     def __call__(self, x, bias, cache, layer, slot):
         c = self.config
         D, N, H = c.hidden_size, c.num_heads, c.head_dim
-        dense = dict(use_bias=c.enable_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(use_bias=c.enable_bias, dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant)
         # OPT scales q (after its bias) rather than the scores.
         q = Linear((D,), (N, H), ("embed", "heads", "kv"), name="q_proj", **dense)(x) * (H ** -0.5)
         k = Linear((D,), (N, H), ("embed", "heads", "kv"), name="k_proj", **dense)(x)
@@ -60,11 +62,12 @@ class OPTMLP(nn.Module):
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        dense = dict(use_bias=c.enable_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(use_bias=c.enable_bias, dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant)
         h = Linear((c.hidden_size,), (c.ffn_dim,), ("embed", "mlp"), name="fc1", **dense)(x)
         h = activation(c.activation_function)(h)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
@@ -77,6 +80,7 @@ class OPTBlock(nn.Module):
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     @nn.compact
     def __call__(self, carry, layer, bias, slot):
@@ -86,11 +90,11 @@ class OPTBlock(nn.Module):
         attn_norm = LayerNorm(eps=c.layer_norm_eps, name="self_attn_layer_norm", **kw)
         mlp_norm = LayerNorm(eps=c.layer_norm_eps, name="final_layer_norm", **kw)
         pre = c.do_layer_norm_before
-        h, cache = OPTAttention(c, name="self_attn", **kw)(attn_norm(x) if pre else x, bias, cache, layer, slot)
+        h, cache = OPTAttention(c, name="self_attn", quant=self.quant, **kw)(attn_norm(x) if pre else x, bias, cache, layer, slot)
         x = x + h
         if not pre:
             x = attn_norm(x)
-        x = x + OPTMLP(c, name="mlp", **kw)(mlp_norm(x) if pre else x)
+        x = x + OPTMLP(c, name="mlp", quant=self.quant, **kw)(mlp_norm(x) if pre else x)
         if not pre:
             x = mlp_norm(x)
         return (nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache), None
@@ -101,6 +105,7 @@ class OPTModel(DecoderOnlyLM):
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"  # named policy, see jblip.scan
 
     def setup(self):
@@ -112,11 +117,11 @@ class OPTModel(DecoderOnlyLM):
                                      ("pos", "embed"), **kw)
         if c.word_embed_proj_dim != c.hidden_size:
             self.project_in = Linear((c.word_embed_proj_dim,), (c.hidden_size,), ("embed", "embed"),
-                                     use_bias=False, **kw)
+                                     use_bias=False, quant=self.quant, **kw)
             self.project_out = Linear((c.hidden_size,), (c.word_embed_proj_dim,), ("embed", "embed"),
-                                      use_bias=False, **kw)
+                                      use_bias=False, quant=self.quant, **kw)
         broadcast = (nn.broadcast,) * 2  # bias, slot: the same for every layer
-        self.layers = stack(OPTBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat)(c, **kw)
+        self.layers = stack(OPTBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat)(c, quant=self.quant, **kw)
         # HF (and metaseq) have a final norm only in the pre-LN variant.
         if c.do_layer_norm_before:
             self.final_layer_norm = LayerNorm(eps=c.layer_norm_eps, **kw)

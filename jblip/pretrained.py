@@ -299,7 +299,8 @@ def resolve_path(path_or_id: str) -> str:
 
 def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
                     progress: Callable[[int, int, str], None] | None = None,
-                    mesh=None, rules=None) -> VisionLanguageModel:
+                    mesh=None, rules=None, quantize: str | None = None,
+                    quantize_towers: tuple[str, ...] = ("llm",), group_size: int = 128) -> VisionLanguageModel:
     """Load a HF-format InstructBLIP / BLIP-2 checkpoint directory (or hub id).
 
     With a `mesh` (`jblip.sharding.make_mesh`), each tensor goes straight from the
@@ -308,11 +309,18 @@ def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
     zero-padded to divide its mesh axes (`sharding.pad_vocab`). `rules` defaults
     to `sharding.LOGICAL_RULES`. A checkpoint holding NaN/inf weights loads with a
     `NonFiniteWeightsWarning`.
+
+    `quantize="int8"` or `"int4"`: weight-only quantisation of the dense kernels of the
+    `quantize_towers` ("llm", "vision"), applied as each tensor is read, so the float model
+    is never held whole (`jblip.quantization`; int4 in groups of `group_size` along the
+    contracted axis). Activations stay in the precision's compute dtype.
     """
     from jblip.convert.load import load_params
+    from jblip.quantization import Quantization
 
     path = resolve_path(path_or_id)
-    config, params = load_params(path, precision, mesh, rules, progress=progress)
+    quantization = Quantization.parse(quantize, group_size, quantize_towers)
+    config, params = load_params(path, precision, mesh, rules, progress=progress, quantization=quantization)
     return VisionLanguageModel(config, params, path, mesh=mesh, rules=rules)
 
 

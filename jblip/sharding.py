@@ -48,6 +48,7 @@ import jax
 import numpy as np
 
 from jblip import kv_cache
+from jblip.quantization import dtype_bits
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -318,5 +319,5 @@ def per_device_bytes(boxed_abstract, mesh, rules: Rules = LOGICAL_RULES) -> int:
         for entry in spec:
             for axis in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
                 split *= sizes[axis]
-        total += math.prod(value.shape) * np.dtype(value.dtype).itemsize // split
+        total += math.prod(value.shape) * dtype_bits(value.dtype) // 8 // split  # int4: half a byte
     return total

@@ -24,6 +24,7 @@ from jblip.config import T5Config
 from jblip.language_model import LanguageModel, LMHead, LMState, tied_logits
 from jblip.layers import (Embed, LayerNorm, Linear, activation, attention, causal_bias,
                           init_normal, key_padding_bias, logical_param)
+from jblip.quantization import Quantization
 from jblip.scan import stack
 
 Dtype = jnp.dtype
@@ -78,11 +79,12 @@ class T5Attention(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     def setup(self):
         c = self.config
         D, N, H = c.d_model, c.num_heads, c.d_kv
-        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant)
         self.q = Linear((D,), (N, H), ("embed", "heads", "kv"), **dense)
         self.k = Linear((D,), (N, H), ("embed", "heads", "kv"), **dense)
         self.v = Linear((D,), (N, H), ("embed", "heads", "kv"), **dense)
@@ -102,11 +104,12 @@ class T5MLP(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant)
         act = activation(c.dense_act_fn)
         if c.is_gated_act:
             gate = Linear((c.d_model,), (c.d_ff,), ("embed", "mlp"), name="wi_0", **dense)(x)
@@ -132,14 +135,15 @@ class T5EncoderLayer(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     @nn.compact
     def __call__(self, x, bias):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = _norm(self.config, name="self_attn_norm", **kw)(x)
-        attn = T5Attention(self.config, name="self_attn", **kw)
+        attn = T5Attention(self.config, name="self_attn", quant=self.quant, **kw)
         x = x + attn(h, *attn.kv(h), bias)
-        x = x + T5MLP(self.config, name="mlp", **kw)(_norm(self.config, name="mlp_norm", **kw)(x))
+        x = x + T5MLP(self.config, name="mlp", quant=self.quant, **kw)(_norm(self.config, name="mlp_norm", **kw)(x))
         return _residual(x), None
 
 
@@ -150,15 +154,16 @@ class T5DecoderLayer(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.self_attn_norm = _norm(c, **kw)
-        self.self_attn = T5Attention(c, **kw)
+        self.self_attn = T5Attention(c, quant=self.quant, **kw)
         self.cross_attn_norm = _norm(c, **kw)
-        self.cross_attn = T5Attention(c, **kw)
+        self.cross_attn = T5Attention(c, quant=self.quant, **kw)
         self.mlp_norm = _norm(c, **kw)
-        self.mlp = T5MLP(c, **kw)
+        self.mlp = T5MLP(c, quant=self.quant, **kw)
 
     def __call__(self, carry, layer, cross, enc_out, self_bias, cross_bias, slot):
         x, cache = carry
@@ -181,6 +186,7 @@ class T5Encoder(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"
 
     @nn.compact
@@ -192,7 +198,7 @@ class T5Encoder(nn.Module):
                                     name="relative_attention_bias")(positions, positions)
         bias = bias + key_padding_bias(mask)
         layers = stack(T5EncoderLayer, c.num_layers, in_axes=(nn.broadcast,), remat=self.remat)
-        x, _ = layers(c, name="layers", **kw)(embeds.astype(self.dtype), bias)
+        x, _ = layers(c, name="layers", quant=self.quant, **kw)(embeds.astype(self.dtype), bias)
         return _norm(c, name="final_norm", **kw)(x)
 
 
@@ -200,6 +206,7 @@ class T5Decoder(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"
 
     def setup(self):
@@ -207,7 +214,7 @@ class T5Decoder(nn.Module):
         # HF keeps this table in block 0; every layer uses it, so it is computed once, out of the scan
         self.relative_attention_bias = RelativePositionBias(c, bidirectional=False, param_dtype=self.param_dtype)
         in_axes = (0, 0) + (nn.broadcast,) * 4  # layer, cross | enc_out, self_bias, cross_bias, slot
-        self.layers = stack(T5DecoderLayer, c.num_decoder_layers, in_axes=in_axes, remat=self.remat)(c, **kw)
+        self.layers = stack(T5DecoderLayer, c.num_decoder_layers, in_axes=in_axes, remat=self.remat)(c, quant=self.quant, **kw)
         self.final_norm = _norm(c, **kw)
 
     def __call__(self, x, enc_mask, cache, slot, enc_out=None, cross=None):
@@ -231,6 +238,7 @@ class T5Model(LanguageModel):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"  # named policy, see jblip.scan
 
     def setup(self):
@@ -238,10 +246,10 @@ class T5Model(LanguageModel):
         if jnp.dtype(self.dtype) == jnp.float16:
             raise ValueError("T5 activations overflow float16; use float32 or bfloat16")
         self.shared = Embed(c.vocab_rows, c.d_model, ("vocab", "embed"), **kw)
-        self.encoder = T5Encoder(c, remat=self.remat, **kw)
-        self.decoder = T5Decoder(c, remat=self.remat, **kw)
+        self.encoder = T5Encoder(c, remat=self.remat, quant=self.quant, **kw)
+        self.decoder = T5Decoder(c, remat=self.remat, quant=self.quant, **kw)
         if not c.tie_word_embeddings:
-            self.lm_head = LMHead(c.d_model, c.vocab_rows, **kw)
+            self.lm_head = LMHead(c.d_model, c.vocab_rows, quant=self.quant, **kw)
 
     def embed(self, ids):
         """Token ids [B,T] -> shared embeddings [B,T,D] (T5 does not scale them)."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from jblip.config import VisionConfig
 from jblip.layers import Dtype, LayerNorm, Linear, activation, attention, init_normal, logical_param
+from jblip.quantization import Quantization
 from jblip.scan import stack
 
 # --------------------------------------------------------------------------- bicubic (torch semantics)
@@ -79,32 +80,34 @@ class VisionAttention(nn.Module):
     config: VisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         qkv = Linear((d,), (3, n, h), ("vis_embed", "vis_qkv", "vis_heads", "vis_kv"),
-                     dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x)
+                     dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant, name="qkv")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = attention(q, k, v, scale=h ** -0.5, dtype=self.dtype)
         return Linear((n, h), (d,), ("vis_heads", "vis_kv", "vis_embed"),
-                      dtype=self.dtype, param_dtype=self.param_dtype, name="projection")(out)
+                      dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant, name="projection")(out)
 
 
 class VisionMLP(nn.Module):
     config: VisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         x = Linear((cfg.hidden_size,), (cfg.intermediate_size,), ("vis_embed", "vis_mlp"),
-                   dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+                   dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant, name="fc1")(x)
         x = activation(cfg.hidden_act)(x)
         return Linear((cfg.intermediate_size,), (cfg.hidden_size,), ("vis_mlp", "vis_embed"),
-                      dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+                      dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant, name="fc2")(x)
 
 
 class VisionBlock(nn.Module):
@@ -112,14 +115,15 @@ class VisionBlock(nn.Module):
     config: VisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(eps=cfg.layer_norm_eps, axis_name="vis_norm", **kw)
-        x = x + VisionAttention(cfg, **kw, name="self_attn")(LayerNorm(**norm, name="layer_norm1")(x))
-        x = x + VisionMLP(cfg, **kw, name="mlp")(LayerNorm(**norm, name="layer_norm2")(x))
+        x = x + VisionAttention(cfg, **kw, quant=self.quant, name="self_attn")(LayerNorm(**norm, name="layer_norm1")(x))
+        x = x + VisionMLP(cfg, **kw, quant=self.quant, name="mlp")(LayerNorm(**norm, name="layer_norm2")(x))
         # block boundary: batch-split, width replicated (a no-op without jblip.sharding.activation_rules)
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
 
@@ -134,6 +138,7 @@ class VisionTransformer(nn.Module):
     config: VisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"
 
     @nn.compact
@@ -143,7 +148,7 @@ class VisionTransformer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = self._embed(pixel_values)
         blocks = stack(VisionBlock, cfg.num_layers, remat=self.remat)
-        x, _ = blocks(cfg, **kw, name="layers")(x)
+        x, _ = blocks(cfg, **kw, quant=self.quant, name="layers")(x)
         out = LayerNorm(eps=cfg.post_layernorm_eps, axis_name="vis_norm", **kw, name="post_layernorm")(x)
         return (out, x) if return_pre_norm else out
 

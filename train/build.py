@@ -7,6 +7,7 @@ it is read (`jblip.convert.load.load_params`, the load path `load_pretrained` us
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 from jblip import sharding
 from jblip.config import PRESETS, ModelConfig, Precision
 from jblip.model import abstract_params
+from jblip.quantization import Quantization, is_quantized, quantize_params
 from jblip.train import trainable as tr
 from jblip.train.config import TrainConfig
 from jblip.text_processing import TextTokenizer
@@ -60,21 +62,35 @@ def _storage_dtypes(config: ModelConfig, trainable_set):
     return tr.merge(jax.tree_util.tree_map(as_dtype("float32"), trainable), frozen)
 
 
+def check_frozen_quantized(config: ModelConfig, trainable_set):
+    """Quantised kernels have no gradient: they must lie outside the trainable set."""
+    trainable, _ = tr.split(abstract_params(config), trainable_set)
+    if any(is_quantized(leaf) for leaf in tr._flat(trainable).values()):
+        raise ValueError(f"quantize={config.quantization.mode} quantises the language model, which the "
+                         f"trainable set {trainable_set!r} would train; quantise only a frozen LM "
+                         "(e.g. trainable: qformer)")
+
+
 def load_params(cfg: TrainConfig, mesh, rules=None):
     """(ModelConfig, params) for the run, placed on `mesh` (vocab padded to divide it)."""
     rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
     precision = training_precision(cfg.precision)
+    quantization = Quantization.parse(cfg.quantize)
     if cfg.model in PRESETS:  # random init: demos and tests
         config = PRESETS[cfg.model].with_precision(precision)
         # unpadded, so the values do not depend on the mesh
         params = initial_params(config, cfg.init_seed, cfg.init_std)
+        if quantization is not None:
+            config = dataclasses.replace(config, quantization=quantization)
+            check_frozen_quantized(config, cfg.trainable)
+            params = quantize_params(params, abstract_params(config))
         params = jax.tree_util.tree_map(lambda x, a: x.astype(a.dtype), params,
                                         _storage_dtypes(config, cfg.trainable))
         if mesh is not None:
             config = sharding.pad_vocab(config, mesh, rules)
             params = _place_all(params, config, mesh, rules)
         return config, params
-    return _load_checkpoint(cfg, mesh, rules, precision)
+    return _load_checkpoint(cfg, mesh, rules, precision, quantization)
 
 
 def _place_all(params, config: ModelConfig, mesh, rules):
@@ -82,14 +98,19 @@ def _place_all(params, config: ModelConfig, mesh, rules):
     from jblip.convert.rules import flatten, unflatten
     targets = flatten(sharding.param_shardings(abstract_params(config, boxed=True), mesh, rules))
     shapes = flatten(abstract_params(config))
-    return unflatten({p: sharding.place(np.asarray(x), targets[p], shapes[p].shape)
+    place = lambda x, target, shape: sharding.place(np.asarray(x), target, shape.shape)
+    return unflatten({p: jax.tree_util.tree_map(place, x, targets[p], shapes[p])  # a QArray: per part
                       for p, x in flatten(params).items()})
 
 
-def _load_checkpoint(cfg: TrainConfig, mesh, rules, precision):
+def _load_checkpoint(cfg: TrainConfig, mesh, rules, precision, quantization=None):
     from jblip.convert.load import load_params
-    return load_params(model_dir(cfg), precision, mesh, rules,
-                       storage=lambda config: _storage_dtypes(config, cfg.trainable))
+
+    def storage(config):
+        if config.quantization is not None:
+            check_frozen_quantized(config, cfg.trainable)
+        return _storage_dtypes(config, cfg.trainable)
+    return load_params(model_dir(cfg), precision, mesh, rules, storage=storage, quantization=quantization)
 
 
 def model_dir(cfg: TrainConfig) -> str | None:

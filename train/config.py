@@ -45,6 +45,8 @@ class TrainConfig:
     qformer_tokenizer: str | None = None  # default: <tokenizer>/qformer_tokenizer, else the LM tokenizer
     trainable: Any = "qformer"
     precision: str = "float32"            # "float32" or "bfloat16" (ViT + LM compute; Q-Former fp32)
+    quantize: str | None = None           # "int8" / "int4": the frozen LM's kernels, weight-only (QLoRA-style
+                                          # base); they must not be in `trainable`
     remat: str = "none"                   # recompute policy of the layer stacks (jblip.scan): none | full |
                                           # dots_saveable | minimal; old booleans: true = full, false = none
     mesh: str = "fsdp=-1"
@@ -95,6 +97,8 @@ class TrainConfig:
         for name in _PATHS:
             check.text(name, getattr(self, name), optional=True)
         check.number("init_std", self.init_std, positive=True)
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize must be 'int8', 'int4' or null, got {self.quantize!r}")
         if self.precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
         if not (isinstance(self.trainable, str) or (isinstance(self.trainable, list) and self.trainable

@@ -249,9 +249,13 @@ def export(cfg: TrainConfig, config, params):
     """The fine-tuned model as a HF-format checkpoint directory (the layout `load_pretrained` reads),
     with the tokenizer / processor files of the base model (or of `cfg.tokenizer`) next to it."""
     from jblip.convert.export import export_hf
+    from jblip.convert.quantized import save_quantized
     if jax.process_index() != 0:
         return
-    export_hf(config, cfg.export_dir, params=params, overwrite=True)
+    if config.quantization is not None:  # the frozen LM stays quantised: jblip's own layout
+        save_quantized(config, cfg.export_dir, params=params, overwrite=True)
+    else:
+        export_hf(config, cfg.export_dir, params=params, overwrite=True)
     tokenizer_dir = cfg.tokenizer if cfg.tokenizer and os.path.isdir(cfg.tokenizer) else None
     for source in filter(None, (build.model_dir(cfg), tokenizer_dir)):
         if not os.path.isfile(os.path.join(source, "tokenizer.json")):

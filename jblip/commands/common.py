@@ -14,6 +14,9 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                         help="float32 everywhere, or bfloat16 for the ViT and the language model "
                              "with the Q-Former kept in float32 (default: float32)")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="weight-only quantisation of the language model's kernels as they load "
+                             "(int4: groups of 128 along the contracted axis)")
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser):
@@ -75,12 +78,25 @@ def enable_compilation_cache():
         jax.config.update("jax_compilation_cache_dir", folder)
 
 
+<<<<<<< HEAD
 def load_model(path: str, args, processor=None, mesh=None):
     """The weights at `path`, at --precision, on `mesh` (None: one device); `processor` (already
     built) is kept with the model."""
     from jblip.pretrained import load_pretrained
     enable_compilation_cache()
     model = load_pretrained(path, precision=args.precision, mesh=mesh)
+=======
+def quantize_option(args) -> str | None:
+    """--quantize, or None for a command that has no such option."""
+    return getattr(args, "quantize", None)
+
+
+def load_model(path: str, args, processor=None):
+    """The weights at `path`, at --precision; `processor` (already built) is kept with the model."""
+    from jblip.pretrained import load_pretrained
+    enable_compilation_cache()
+    model = load_pretrained(path, precision=args.precision, quantize=quantize_option(args))
+>>>>>>> quant
     if processor is not None:
         model._jblip_processor = processor
     return model

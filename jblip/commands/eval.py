@@ -150,7 +150,7 @@ def _generator(path, args, processor, decoding, hosts, widths):
             if args.mesh:
                 from jblip.sharding import make_mesh
                 mesh = make_mesh(args.mesh)
-            model = load_pretrained(path, precision=args.precision, mesh=mesh)
+            model = load_pretrained(path, precision=args.precision, mesh=mesh, quantize=args.quantize)
             model._jblip_processor = processor
             state["model"], state["sampler"] = model, sampler_for(model, **decoding.sampler_options())
         text = _pad_to(processor.text_inputs(prompts, len(prompts), args.max_length, True), widths,

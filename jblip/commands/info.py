@@ -11,7 +11,6 @@ import os
 from jblip import families
 
 TOWERS = (("vision", "vision"), ("qformer", "Q-Former"), ("projection", "projection"), ("llm", "language model"))
-BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def add_arguments(parser):
@@ -81,6 +80,7 @@ def _size(n_bytes: float) -> str:
 
 def run(args) -> int:
     from jblip.model import abstract_params, count_params
+    from jblip.quantization import memory_by_dtype, weight_bytes
 
     config, where = _config(args.model)
     params = abstract_params(config)  # jax.eval_shape: shapes only, nothing allocated
@@ -92,8 +92,13 @@ def run(args) -> int:
     for (key, _), (label, text) in zip(TOWERS, describe(config)):
         rows.append((label, f"{text}; {counts[key]:,} parameters"))
     rows.append(("parameters", f"{total:,}"))
-    rows.append(("memory", ", ".join(f"{name} {_size(total * b)}" for name, b in BYTES.items())
-                 + " (weights only)"))
+    memory = memory_by_dtype(config)
+    rows.append(("memory", ", ".join(f"{name} {_size(n)}" for name, n in memory.items())
+                 + " (weights only; int8/int4: the language model's kernels, the rest bfloat16)"))
+    if config.quantization is not None:
+        q = config.quantization
+        rows.append(("quantised", f"{q.mode} ({', '.join(q.towers)}; int4 groups of {q.group_size}): "
+                                  f"{_size(weight_bytes(params))} as stored"))
     width = max(len(label) for label, _ in rows)
     for label, text in rows:
         print(f"{label:<{width}}  {text}")

@@ -72,7 +72,7 @@ def run(args) -> int:
         mesh = make_mesh(args.mesh)
     enable_compilation_cache()
     print(f"jblip serve: loading {path}", file=sys.stderr)
-    model = load_pretrained(path, precision=args.precision, mesh=mesh)
+    model = load_pretrained(path, precision=args.precision, mesh=mesh, quantize=args.quantize)
     app = build_app(model, processor, settings)
     print(f"jblip serve: model {settings.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     print(f"jblip serve: playground on http://{args.host}:{args.port}/", file=sys.stderr)
