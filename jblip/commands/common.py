@@ -78,25 +78,17 @@ def enable_compilation_cache():
         jax.config.update("jax_compilation_cache_dir", folder)
 
 
-<<<<<<< HEAD
-def load_model(path: str, args, processor=None, mesh=None):
-    """The weights at `path`, at --precision, on `mesh` (None: one device); `processor` (already
-    built) is kept with the model."""
-    from jblip.pretrained import load_pretrained
-    enable_compilation_cache()
-    model = load_pretrained(path, precision=args.precision, mesh=mesh)
-=======
 def quantize_option(args) -> str | None:
     """--quantize, or None for a command that has no such option."""
     return getattr(args, "quantize", None)
 
 
-def load_model(path: str, args, processor=None):
-    """The weights at `path`, at --precision; `processor` (already built) is kept with the model."""
+def load_model(path: str, args, processor=None, mesh=None):
+    """The weights at `path`, at --precision (and --quantize), on `mesh` (None: one device);
+    `processor` (already built) is kept with the model."""
     from jblip.pretrained import load_pretrained
     enable_compilation_cache()
-    model = load_pretrained(path, precision=args.precision, quantize=quantize_option(args))
->>>>>>> quant
+    model = load_pretrained(path, precision=args.precision, mesh=mesh, quantize=quantize_option(args))
     if processor is not None:
         model._jblip_processor = processor
     return model
