@@ -1,0 +1,123 @@
+"""BLIP-2 retrieval vs HF at fp32: `Blip2ForImageTextRetrieval` (ITC scores, ITM logits) and its
+halves `Blip2VisionModelWithProjection` / `Blip2TextModelWithProjection` (embeddings), tiny random
+models saved with `save_pretrained`, texts of different lengths; export back; full-size key lists."""
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from hf_models import TINY_QFORMER, TINY_VISION, max_diff, randomize, right_padded_text
+from jblip.convert import stacking
+from jblip.convert.retrieval import export_retrieval, hf_config_dict, load_retrieval_params, retrieval_rules
+from jblip.convert.rules import flatten, plan
+from jblip.convert.tables.retrieval import TRAINING_PATHS
+from jblip.model import count_params
+from jblip.retrieval.config import from_hf_config, retrieval_preset
+from jblip.retrieval.model import RetrievalModel, abstract_params, itc_similarity
+
+NUM_QUERIES, EMBED = 6, 24
+TOL = 1e-4
+
+
+def hf_config():
+    return transformers.Blip2Config(vision_config=TINY_VISION,
+                                    qformer_config={**TINY_QFORMER, "use_qformer_text_input": True},
+                                    num_query_tokens=NUM_QUERIES, image_text_hidden_size=EMBED)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    path = tmp_path_factory.mktemp("itm")
+    hf = randomize(transformers.Blip2ForImageTextRetrieval(hf_config()).eval(), seed=3)
+    hf.save_pretrained(path)
+    config, params = load_retrieval_params(str(path))
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(3, 28, 28, 3)).astype(np.float32)
+    ids, mask = right_padded_text([2, 9, 5], vocab=99)
+    # every head in one compiled call: image / text embeddings, ITM and ITG logits, temperature
+    image, text, itm, itg, _ = jax.jit(RetrievalModel(config).apply)({"params": params}, pixels, ids, mask)
+    got = dict(image=np.asarray(image), text=np.asarray(text), itm=np.asarray(itm), itg=np.asarray(itg))
+    return dict(hf=hf, path=path, config=config, params=params, pixels=pixels, ids=ids, mask=mask, got=got)
+
+
+def torch_pixels(pixels):
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+
+
+def test_config_reads_back():
+    config = from_hf_config(hf_config().to_dict())
+    assert (config.num_query_tokens, config.embed_dim, config.qformer.use_text_input) == (NUM_QUERIES, EMBED, True)
+    assert from_hf_config(hf_config_dict(config)) == config
+
+
+def test_image_embeddings_match_vision_with_projection(pair):
+    hf = transformers.Blip2VisionModelWithProjection(hf_config()).eval()
+    missing, _ = hf.load_state_dict(pair["hf"].state_dict(), strict=False)
+    assert not missing
+    with torch.no_grad():
+        want = hf(pixel_values=torch_pixels(pair["pixels"])).image_embeds.numpy()
+    got = pair["got"]["image"]
+    assert got.shape == (3, NUM_QUERIES, EMBED)
+    print(f"image embeddings max |d| {max_diff(got, want):.2e}")
+    assert max_diff(got, want) <= TOL
+
+
+def test_text_embeddings_match_text_with_projection(pair):
+    hf = transformers.Blip2TextModelWithProjection(hf_config()).eval()
+    missing, _ = hf.load_state_dict(pair["hf"].state_dict(), strict=False)
+    assert not missing
+    with torch.no_grad():
+        out = hf(input_ids=torch.from_numpy(pair["ids"]), attention_mask=torch.from_numpy(pair["mask"]))
+    got = pair["got"]["text"]
+    assert got.shape == (3, EMBED)
+    print(f"text embeddings max |d| {max_diff(got, out.text_embeds[:, 0].numpy()):.2e}")
+    assert max_diff(got, out.text_embeds[:, 0].numpy()) <= TOL
+
+
+def test_itc_scores_and_itm_logits_match_retrieval_model(pair):
+    args = dict(pixel_values=torch_pixels(pair["pixels"]), input_ids=torch.from_numpy(pair["ids"]),
+                attention_mask=torch.from_numpy(pair["mask"]))
+    with torch.no_grad():
+        itc = pair["hf"](**args, use_image_text_matching_head=False).logits_per_image.numpy()
+        itm = pair["hf"](**args, use_image_text_matching_head=True).logits_per_image.numpy()
+    got_itc = np.asarray(itc_similarity(pair["got"]["image"], pair["got"]["text"]))
+    got_itm = pair["got"]["itm"]
+    assert got_itc.shape == (3, 3) and got_itm.shape == (3, 2)
+    d_itc, d_itm = max_diff(got_itc, itc), max_diff(got_itm, itm)
+    print(f"ITC max |d| {d_itc:.2e}, ITM max |d| {d_itm:.2e}")
+    assert d_itc <= TOL and d_itm <= TOL
+    assert np.std(itm) > 1e-2  # the comparison is not between flat outputs
+
+
+def test_export_loads_in_transformers(pair, tmp_path):
+    keys = export_retrieval(pair["config"], pair["params"], str(tmp_path))
+    assert set(keys) == set(pair["hf"].state_dict()) - {"embeddings.position_ids"}
+    back = transformers.Blip2ForImageTextRetrieval.from_pretrained(tmp_path).eval()
+    for name, tensor in pair["hf"].state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_training_heads_round_trip(pair, tmp_path):
+    params = dict(pair["params"], temp=np.float32(0.05))
+    keys = export_retrieval(pair["config"], params, str(tmp_path), training_heads=True)
+    assert {"temp", "cls.predictions.bias", "cls.predictions.transform.dense.weight"} <= set(keys)
+    _, back = load_retrieval_params(str(tmp_path))
+    assert float(back["temp"]) == pytest.approx(0.05)
+    for path in TRAINING_PATHS:
+        np.testing.assert_array_equal(flatten(back)[path], flatten(params)[path])
+
+
+@pytest.mark.parametrize("name, total", [("blip2-itm-vit-g", 1_172_032_258), ("blip2-itm-vit-g-coco", 1_172_623_618)])
+def test_full_size_key_list_and_total(name, total):
+    config = retrieval_preset(name)
+    hf_cfg = transformers.Blip2Config.from_dict(hf_config_dict(config))
+    with torch.device("meta"):
+        model = transformers.Blip2ForImageTextRetrieval(hf_cfg)
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    targets = flatten(abstract_params(config))
+    assignment = plan(shapes, retrieval_rules(), targets, optional=TRAINING_PATHS)
+    assert set(assignment) | set(TRAINING_PATHS) == set(stacking.per_layer_specs(targets))
+    hf_total = sum(int(np.prod(s)) for k, s in shapes.items() if not k.endswith("position_ids"))
+    heads = sum(int(np.prod(flatten(targets)[p].shape)) for p in TRAINING_PATHS)
+    assert hf_total == count_params(targets) - heads == total
