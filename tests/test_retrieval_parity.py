@@ -121,3 +121,56 @@ def test_full_size_key_list_and_total(name, total):
     hf_total = sum(int(np.prod(s)) for k, s in shapes.items() if not k.endswith("position_ids"))
     heads = sum(int(np.prod(flatten(targets)[p].shape)) for p in TRAINING_PATHS)
     assert hf_total == count_params(targets) - heads == total
+
+
+# ---------------------------------------------------------------------- the engine (model-object API)
+
+@pytest.fixture(scope="module")
+def engine(pair):
+    import os
+
+    import jblip
+    from jblip.retrieval.engine import RetrievalEngine
+    from jblip.text_processing import TextTokenizer
+    demo_tok = os.path.join(os.path.dirname(jblip.__file__), "assets", "demo", "qformer_tokenizer")
+    return RetrievalEngine(pair["config"], pair["params"], TextTokenizer.from_dir(demo_tok), batch_size=4)
+
+
+def test_engine_matches_the_module_and_hf(pair, engine):
+    np.testing.assert_allclose(engine.image_embeddings(pair["pixels"]), pair["got"]["image"], atol=1e-5)
+    text = engine.text_embeddings_ids(pair["ids"], pair["mask"])
+    np.testing.assert_allclose(text, pair["got"]["text"], atol=1e-5)
+    texts = ["the red circle", "a blue square on the left", "green"]
+    ids, mask = engine.tokenize(texts)
+    assert ids.shape == (3, 8) and mask.sum(1).tolist() == [5, 8, 3]  # [CLS] words [SEP]; "a" is <unk>
+    args = dict(pixel_values=torch_pixels(pair["pixels"]), input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(mask).long())
+    with torch.no_grad():
+        itc = pair["hf"](**args).logits_per_image.numpy()
+        itm = torch.softmax(pair["hf"](**args, use_image_text_matching_head=True).logits_per_image, -1)[:, 1].numpy()
+    np.testing.assert_allclose(engine.itc_scores(pair["pixels"], texts), itc, atol=1e-4)
+    scores = engine.itm_scores(pair["pixels"], texts)
+    assert scores.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(scores), itm, atol=1e-4)  # HF pairs row i with row i
+
+
+def test_engine_on_an_8_device_mesh_matches_one_device(pair, engine):
+    from jblip.retrieval.engine import RetrievalEngine
+    from jblip.sharding import make_mesh
+    sharded = RetrievalEngine(pair["config"], pair["params"], engine.tokenizer, mesh=make_mesh("data=2,fsdp=4"),
+                              batch_size=4)
+    np.testing.assert_allclose(sharded.image_embeddings(pair["pixels"]), engine.image_embeddings(pair["pixels"]),
+                               atol=1e-5)
+
+
+def test_recall_as_lavis_reports_it():
+    from jblip.retrieval.metrics import retrieval_metrics
+    # 3 images, 4 texts (image 0 has captions 0 and 1)
+    i2t = np.array([[0.1, 0.9, 0.0, 0.2], [0.8, 0.1, 0.3, 0.2], [0.0, 0.1, 0.2, 0.9]])
+    t2i = i2t.T.copy()
+    m = retrieval_metrics(i2t, t2i, txt2img=[0, 0, 1, 2], img2txt=[[0, 1], [2], [3]])
+    # i2t ranks: image 0 -> caption 1 first (0); image 1 -> caption 2 at rank 1; image 2 -> 0
+    assert m["txt_r1"] == pytest.approx(200 / 3) and m["txt_r5"] == 100
+    # t2i ranks: t0 -> [1,0,2] rank 1; t1 -> rank 0; t2 -> [1,...] rank 0; t3 -> rank 0
+    assert m["img_r1"] == 75 and m["img_r10"] == 100
+    assert m["r_mean"] == pytest.approx(((200 / 3 + 200) / 3 + (75 + 200) / 3) / 2)
