@@ -54,7 +54,7 @@ def sample_hard_negatives(key, sim_i2t, sim_t2i, image_ids=None):
 
 
 def _stage1(module: RetrievalModel, pixel_values, text_ids, text_mask, neg_images, neg_texts, bos_id, pad_id,
-            key):
+            key, image_ids):
     text_ids, text_mask = jnp.asarray(text_ids), jnp.asarray(text_mask)
     states = module.vision_states(pixel_values)
     image_embeds = l2_normalize(module.vision_projection(module.image_features(states)))
@@ -64,7 +64,7 @@ def _stage1(module: RetrievalModel, pixel_values, text_ids, text_mask, neg_image
     itc = (smoothed_cross_entropy(sim_i2t, targets) + smoothed_cross_entropy(sim_t2i, targets)) / 2
 
     if neg_images is None:
-        neg_images, neg_texts = sample_hard_negatives(key, sim_i2t, sim_t2i)
+        neg_images, neg_texts = sample_hard_negatives(key, sim_i2t, sim_t2i, image_ids)
     ids_all = jnp.concatenate([text_ids, text_ids, text_ids[neg_texts]])
     mask_all = jnp.concatenate([text_mask, text_mask, text_mask[neg_texts]])
     states_all = jnp.concatenate([states, states[neg_images], states])
@@ -81,11 +81,12 @@ def _stage1(module: RetrievalModel, pixel_values, text_ids, text_mask, neg_image
 
 
 def stage1_losses(module: RetrievalModel, params, pixel_values, text_ids, text_mask, *, bos_id: int,
-                  pad_id: int = 0, key=None, negatives=None):
+                  pad_id: int = 0, key=None, negatives=None, image_ids=None):
     """{"itc", "itm", "itg", "loss"} (loss = their sum, as LAVIS). `negatives`: (negative image per
-    text, negative text per image) index arrays; None draws them with `key`."""
+    text, negative text per image) index arrays; None draws them with `key`, never picking a pair of
+    the same `image_ids` (LAVIS' `image_id`) when given."""
     neg_images, neg_texts = (None, None) if negatives is None else negatives
     if negatives is None and key is None:
         raise ValueError("stage1_losses needs a PRNG key to draw the ITM negatives, or negatives=(...)")
     return module.apply({"params": params}, pixel_values, text_ids, text_mask, neg_images, neg_texts, bos_id,
-                        pad_id, key, method=_stage1)
+                        pad_id, key, image_ids, method=_stage1)
