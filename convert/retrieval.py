@@ -53,11 +53,16 @@ def load_retrieval_params(path: str, precision="float32", partial: bool = False,
         loaded = flatten(convert_params(FuseQVBias(source), retrieval_rules(), abstract, optional=optional,
                                         place=watch))
     watch.warn(path)
-    abstract = flatten(abstract)
-    rng = np.random.default_rng(0)
+    return config, with_initial_values(config, loaded, abstract)
+
+
+def with_initial_values(config: RetrievalConfig, loaded: dict, abstract) -> dict:
+    """The nested params: `loaded` (flat) plus the initial value of every param it lacks."""
+    abstract, rng = flatten(abstract), np.random.default_rng(0)
+    loaded = dict(loaded)
     loaded.update({p: jnp.asarray(initial_value(config, p, abstract[p].shape, rng), abstract[p].dtype)
                    for p in abstract if p not in loaded})
-    return config, unflatten(loaded)
+    return unflatten(loaded)
 
 
 def initial_value(config: RetrievalConfig, path: str, shape, rng) -> np.ndarray:

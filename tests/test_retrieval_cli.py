@@ -59,15 +59,15 @@ def test_index_resumes_without_duplicates_and_skips_a_corrupt_image(scenes, tmp_
 def test_search_finds_the_scene_for_its_caption(scenes, tmp_path, capsys, private_xla_cache):
     root, names = scenes
     index = tmp_path / "index"
-    assert run_cli(capsys, "index", "--images", str(root), "--out", str(index))[0] == 0
+    assert run_cli(capsys, "index", "--images", str(root), "--out", str(index), "--batch-size", "4")[0] == 0
     right = 0
     for name, text in names.items():
-        code, out, _ = run_cli(capsys, "search", "--index", str(index), "--text", text, "--top", "3", "--rerank", "4")
+        code, out, _ = run_cli(capsys, "search", "--index", str(index), "--text", text, "--top", "3", "--rerank", "4", "--batch-size", "4")
         hits = [json.loads(line) for line in out.splitlines()]
         assert code == 0 and len(hits) == 3 and hits[0]["rank"] == 1
         right += os.path.basename(hits[0]["image"]) == name
     assert right >= 11, f"{right}/12 captions found their scene first"
-    code, out, _ = run_cli(capsys, "search", "--index", str(index), "--text", "blue square", "--top", "1")
+    code, out, _ = run_cli(capsys, "search", "--index", str(index), "--text", "blue square", "--top", "1", "--batch-size", "4")
     assert "blue_square" in json.loads(out)["image"]
 
 
@@ -77,7 +77,7 @@ def test_search_ranks_captions_for_an_image(scenes, tmp_path, capsys, private_xl
     captions.write_text("\n".join(names.values()) + "\n")
     name = "green_triangle_right_black.png" if "green_triangle_right_black.png" in names else sorted(names)[0]
     code, out, _ = run_cli(capsys, "search", "--image", str(root / name), "--captions", str(captions),
-                           "--top", "2", "--rerank", "3")
+                           "--top", "2", "--rerank", "3", "--batch-size", "4")
     hits = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and hits[0]["caption"] == names[name]
 

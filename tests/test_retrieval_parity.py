@@ -174,3 +174,65 @@ def test_recall_as_lavis_reports_it():
     # t2i ranks: t0 -> [1,0,2] rank 1; t1 -> rank 0; t2 -> [1,...] rank 0; t3 -> rank 0
     assert m["img_r1"] == 75 and m["img_r10"] == 100
     assert m["r_mean"] == pytest.approx(((200 / 3 + 200) / 3 + (75 + 200) / 3) / 2)
+
+
+# ---------------------------------------------------------------------- LAVIS stage-1 files
+
+def lavis_names(hf_state: dict) -> dict:
+    """The HF retrieval state dict under LAVIS' names (what blip2_feature_extractor saves)."""
+    import re
+    out = {}
+    for key, t in hf_state.items():
+        if key.endswith("position_ids"):
+            continue
+        for pattern, repl in [
+            (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
+            (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
+            (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+            (r"^vision_model\.post_layernorm\.", "ln_vision."),
+            (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.", r"visual_encoder.blocks.\1.norm\2."),
+            (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+            (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.", r"visual_encoder.blocks.\1.attn."),
+            (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+            (r"^qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
+            (r"^embeddings\.", "Qformer.bert.embeddings."),
+            (r"attention\.attention\.", "attention.self."),
+            (r"^qformer\.", "Qformer.bert."),
+            (r"^vision_projection\.", "vision_proj."),
+            (r"^text_projection\.", "text_proj."),
+        ]:
+            key = re.sub(pattern, repl, key)
+        if key.endswith("attn.qkv.bias"):  # EVA keeps q and v biases apart (k has none)
+            q, _, v = t.chunk(3)
+            out[key.replace("qkv.bias", "q_bias")], out[key.replace("qkv.bias", "v_bias")] = q.clone(), v.clone()
+        else:
+            out[key] = t.clone()
+    return out
+
+
+def test_lavis_stage1_checkpoint_loads_like_hf(pair, tmp_path):
+    from jblip.convert.retrieval_lavis import load_lavis_retrieval
+    state = lavis_names(pair["hf"].state_dict())
+    vit = {k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")}
+    vit["blocks.2.norm1.weight"] = torch.ones(48)  # EVA's 40th block, which LAVIS does not build
+    model = {k: v for k, v in state.items() if not k.startswith("visual_encoder.")}
+    head = {"Qformer.cls.predictions.transform.dense.weight": torch.randn(40, 40),
+            "Qformer.cls.predictions.transform.dense.bias": torch.randn(40),
+            "Qformer.cls.predictions.transform.LayerNorm.weight": torch.randn(40),
+            "Qformer.cls.predictions.transform.LayerNorm.bias": torch.randn(40),
+            "Qformer.cls.predictions.bias": torch.randn(99), "Qformer.cls.predictions.decoder.bias": torch.randn(99),
+            "Qformer.cls.predictions.decoder.weight": model["Qformer.bert.embeddings.word_embeddings.weight"]}
+    model.update(head, temp=torch.tensor(0.06))
+    torch.save({"model": model}, tmp_path / "blip2_pretrained.pth")
+    torch.save(vit, tmp_path / "eva_vit_g.pth")
+    config, params = load_lavis_retrieval(tmp_path / "blip2_pretrained.pth", tmp_path / "eva_vit_g.pth",
+                                          pair["config"])
+    assert config.vision.post_layernorm_eps == 1e-5  # LAVIS' ln_vision
+    got, want = flatten(params), flatten(pair["params"])
+    for path in want:
+        if path not in TRAINING_PATHS:
+            np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=path)
+    assert float(got["temp"]) == pytest.approx(0.06)
+    np.testing.assert_array_equal(got["lm_head/bias"], head["Qformer.cls.predictions.bias"].numpy())
+    np.testing.assert_array_equal(got["lm_head/transform/kernel"],
+                                  head["Qformer.cls.predictions.transform.dense.weight"].numpy().T)
