@@ -60,13 +60,13 @@ def test_search_finds_the_scene_for_its_caption(scenes, tmp_path, capsys, privat
     root, names = scenes
     index = tmp_path / "index"
     assert run_cli(capsys, "index", "--images", str(root), "--out", str(index), "--batch-size", "4")[0] == 0
-    right = 0
-    for name, text in names.items():
-        code, out, _ = run_cli(capsys, "search", "--index", str(index), "--text", text, "--top", "3", "--rerank", "4", "--batch-size", "4")
+    for k, (name, text) in enumerate(list(names.items())[::4]):  # each call loads the model: a few suffice
+        rerank = ["--rerank", "4"] if k % 2 else []
+        code, out, _ = run_cli(capsys, "search", "--index", str(index), "--text", text, "--top", "3",
+                               "--batch-size", "4", *rerank)
         hits = [json.loads(line) for line in out.splitlines()]
-        assert code == 0 and len(hits) == 3 and hits[0]["rank"] == 1
-        right += os.path.basename(hits[0]["image"]) == name
-    assert right >= 11, f"{right}/12 captions found their scene first"
+        assert code == 0 and [h["rank"] for h in hits] == [1, 2, 3]
+        assert os.path.basename(hits[0]["image"]) == name, (text, hits)
     code, out, _ = run_cli(capsys, "search", "--index", str(index), "--text", "blue square", "--top", "1", "--batch-size", "4")
     assert "blue_square" in json.loads(out)["image"]
 

@@ -41,10 +41,19 @@ def _demo_dir() -> str:
     return os.path.join(os.path.dirname(jblip.__file__), "assets", "demo")
 
 
-def caption(scene: synthetic.Scene, size: int) -> str:
+# Training captions: the full one half the time, else one naming fewer attributes, so that short
+# queries ("blue square") find their scenes too.
+TEMPLATES = ("{colour} {shape} on the {side} in the {background} background", "{colour} {shape}",
+             "{colour} {shape} on the {side}", "{colour} {shape} in the {background} background", "{shape}",
+             "{colour} {shape} in the {background}", "{shape} on the {side}")
+
+
+def caption(scene: synthetic.Scene, size: int, rng=None) -> str:
+    """The full caption, or with `rng` a random template (the full one with probability 1/2)."""
     item = scene.items[0]
     side = "left" if item.cx < size / 2 else "right"
-    return f"{item.colour} {item.shape} on the {side} in the {scene.background} background"
+    template = TEMPLATES[0] if rng is None or rng.random() < 0.5 else TEMPLATES[1 + int(rng.integers(len(TEMPLATES) - 1))]
+    return template.format(colour=item.colour, shape=item.shape, side=side, background=scene.background)
 
 
 def combos():
@@ -59,11 +68,12 @@ def scene_for(colour, shape, side, background, size, rng) -> synthetic.Scene:
 
 
 def random_batch(n: int, size: int, rng):
-    """n scenes of random captions: (PIL images, captions, caption index)."""
+    """n scenes of random captions: (PIL images, captions, scene kind index: the ITM negatives
+    never pair two scenes of one kind, whose captions fit both)."""
     table = combos()
     picks = rng.integers(len(table), size=n)
     scenes = [scene_for(*table[k], size, rng) for k in picks]
-    return [synthetic.draw_scene(s, size) for s in scenes], [caption(s, size) for s in scenes], picks
+    return [synthetic.draw_scene(s, size) for s in scenes], [caption(s, size, rng) for s in scenes], picks
 
 
 def held_out(size: int, seed: int):
