@@ -95,18 +95,20 @@ def torch_reference(s):
     return dict(itc=itc.item(), itm=itm.item(), itg=itg.item(), loss=total.item())
 
 
-def jax_losses(s, params):
+def jax_losses(s, params, states):
     module = RetrievalModel(s["config"])
-    return stage1_losses(module, params, s["pixels"], s["ids"], s["mask"], bos_id=BOS, pad_id=PAD,
-                         negatives=(NEG_IMAGES, NEG_TEXTS))
+    return stage1_losses(module, params, None, s["ids"], s["mask"], bos_id=BOS, pad_id=PAD,
+                         negatives=(NEG_IMAGES, NEG_TEXTS), vision_states=states)
 
 
 def test_losses_and_qformer_gradients_match_the_torch_reference(setup):
     want = torch_reference(setup)
     trainable = {k: v for k, v in setup["params"].items() if k != "vision"}
+    module = RetrievalModel(setup["config"])
+    states = module.apply({"params": setup["params"]}, setup["pixels"], method=RetrievalModel.vision_states)
 
-    def total(trainable):
-        out = jax_losses(setup, dict(trainable, vision=setup["params"]["vision"]))
+    def total(trainable):  # the ViT is frozen: its output enters as data, as in training
+        out = jax_losses(setup, dict(trainable, vision=setup["params"]["vision"]), states)
         return out["loss"], out
     (_, got), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(trainable)
     for name in ("itc", "itm", "itg", "loss"):

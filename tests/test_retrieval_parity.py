@@ -1,6 +1,6 @@
 """BLIP-2 retrieval vs HF at fp32: `Blip2ForImageTextRetrieval` (ITC scores, ITM logits) and its
 halves `Blip2VisionModelWithProjection` / `Blip2TextModelWithProjection` (embeddings), tiny random
-models saved with `save_pretrained`, texts of different lengths; export back; full-size key lists."""
+models saved with `save_pretrained`, texts of different lengths; export back; full-size key lists; the engine; LAVIS files."""
 import jax
 import numpy as np
 import pytest
@@ -34,7 +34,7 @@ def pair(tmp_path_factory):
     config, params = load_retrieval_params(str(path))
     rng = np.random.default_rng(0)
     pixels = rng.normal(size=(3, 28, 28, 3)).astype(np.float32)
-    ids, mask = right_padded_text([2, 9, 5], vocab=99)
+    ids, mask = right_padded_text([2, 14, 5], vocab=99)  # 16 wide: the engine's bucket for the texts below
     # every head in one compiled call: image / text embeddings, ITM and ITG logits, temperature
     image, text, itm, itg, _ = jax.jit(RetrievalModel(config).apply)({"params": params}, pixels, ids, mask)
     got = dict(image=np.asarray(image), text=np.asarray(text), itm=np.asarray(itm), itg=np.asarray(itg))
@@ -140,9 +140,9 @@ def test_engine_matches_the_module_and_hf(pair, engine):
     np.testing.assert_allclose(engine.image_embeddings(pair["pixels"]), pair["got"]["image"], atol=1e-5)
     text = engine.text_embeddings_ids(pair["ids"], pair["mask"])
     np.testing.assert_allclose(text, pair["got"]["text"], atol=1e-5)
-    texts = ["the red circle", "a blue square on the left", "green"]
+    texts = ["the red circle", "a blue square on the left in the grey background", "green"]
     ids, mask = engine.tokenize(texts)
-    assert ids.shape == (3, 8) and mask.sum(1).tolist() == [5, 8, 3]  # [CLS] words [SEP]; "a" is <unk>
+    assert ids.shape == (3, 16) and mask.sum(1).tolist() == [5, 12, 3]  # [CLS] words [SEP]; "a" is <unk>
     args = dict(pixel_values=torch_pixels(pair["pixels"]), input_ids=torch.from_numpy(ids).long(),
                 attention_mask=torch.from_numpy(mask).long())
     with torch.no_grad():
@@ -159,8 +159,8 @@ def test_engine_on_an_8_device_mesh_matches_one_device(pair, engine):
     from jblip.sharding import make_mesh
     sharded = RetrievalEngine(pair["config"], pair["params"], engine.tokenizer, mesh=make_mesh("data=2,fsdp=4"),
                               batch_size=4)
-    np.testing.assert_allclose(sharded.image_embeddings(pair["pixels"]), engine.image_embeddings(pair["pixels"]),
-                               atol=1e-5)
+    assert len(sharded.params["qformer"]["query_tokens"].sharding.device_set) == 8
+    np.testing.assert_allclose(sharded.text_embeddings_ids(pair["ids"], pair["mask"]), pair["got"]["text"], atol=1e-5)
 
 
 def test_recall_as_lavis_reports_it():

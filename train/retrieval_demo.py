@@ -143,9 +143,12 @@ def train(out_dir: str, steps: int | None = None, log=print) -> dict:
 
     @jax.jit
     def step(train_params, opt_state, pixels, ids, mask, image_ids, key):
+        states = module.apply({"params": trainable.merge(train_params, frozen)}, pixels,
+                              method=RetrievalModel.vision_states)  # frozen ViT: outside the gradient
+
         def loss(tp):
-            out = stage1_losses(module, trainable.merge(tp, frozen), pixels, ids, mask, bos_id=bos, pad_id=pad,
-                                key=key, image_ids=image_ids)
+            out = stage1_losses(module, trainable.merge(tp, frozen), None, ids, mask, bos_id=bos, pad_id=pad,
+                                key=key, image_ids=image_ids, vision_states=states)
             return out["loss"], out
         (_, out), grads = jax.value_and_grad(loss, has_aux=True)(train_params)
         updates, opt_state = tx.update(grads, opt_state, train_params)

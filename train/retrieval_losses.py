@@ -54,9 +54,10 @@ def sample_hard_negatives(key, sim_i2t, sim_t2i, image_ids=None):
 
 
 def _stage1(module: RetrievalModel, pixel_values, text_ids, text_mask, neg_images, neg_texts, bos_id, pad_id,
-            key, image_ids):
+            key, image_ids, states):
     text_ids, text_mask = jnp.asarray(text_ids), jnp.asarray(text_mask)
-    states = module.vision_states(pixel_values)
+    if states is None:
+        states = module.vision_states(pixel_values)
     image_embeds = l2_normalize(module.vision_projection(module.image_features(states)))
     text_embeds = module.text_embeddings(text_ids, text_mask)
     sim_i2t, sim_t2i = itc_logits(image_embeds, text_embeds, module.temperature())
@@ -81,12 +82,13 @@ def _stage1(module: RetrievalModel, pixel_values, text_ids, text_mask, neg_image
 
 
 def stage1_losses(module: RetrievalModel, params, pixel_values, text_ids, text_mask, *, bos_id: int,
-                  pad_id: int = 0, key=None, negatives=None, image_ids=None):
+                  pad_id: int = 0, key=None, negatives=None, image_ids=None, vision_states=None):
     """{"itc", "itm", "itg", "loss"} (loss = their sum, as LAVIS). `negatives`: (negative image per
     text, negative text per image) index arrays; None draws them with `key`, never picking a pair of
-    the same `image_ids` (LAVIS' `image_id`) when given."""
+    the same `image_ids` (LAVIS' `image_id`) when given. `vision_states`: the frozen ViT's output,
+    computed once outside the gradient (then `pixel_values` is unused)."""
     neg_images, neg_texts = (None, None) if negatives is None else negatives
     if negatives is None and key is None:
         raise ValueError("stage1_losses needs a PRNG key to draw the ITM negatives, or negatives=(...)")
     return module.apply({"params": params}, pixel_values, text_ids, text_mask, neg_images, neg_texts, bos_id,
-                        pad_id, key, image_ids, method=_stage1)
+                        pad_id, key, image_ids, vision_states, method=_stage1)
