@@ -10,6 +10,8 @@ COMMANDS = {
     "caption": ("jblip.commands.caption", "caption a folder of images into a JSONL file"),
     "serve": ("jblip.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "eval": ("jblip.commands.eval", "score a model on a benchmark (VQAv2, GQA, ..., COCO captions) with its paper protocol"),
+    "index": ("jblip.commands.index", "embed a folder of images into a retrieval index (BLIP-2 ITC)"),
+    "search": ("jblip.commands.search", "search an index by text, or rank captions for an image (ITC, ITM re-rank)"),
     "info": ("jblip.commands.info", "describe a checkpoint: family, sizes, parameters, memory"),
     "convert": ("jblip.convert.cli", "convert HF / PyTorch / LAVIS weights to a HF-format safetensors directory"),
     "train": ("jblip.train.cli", "fine-tune a model from a YAML/JSON config or a named recipe"),

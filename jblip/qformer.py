@@ -8,6 +8,12 @@ Two variants, chosen by `QFormerConfig.use_text_input`:
 Only query positions cross-attend to the image, on every
 `cross_attention_frequency`-th layer (0, f, 2f, ...).
 
+The retrieval checkpoints (BLIP-2 stage 1, `Blip2ForImageTextRetrieval`) use the
+InstructBLIP variant in three modes: image (queries alone), text (`use_queries=False`:
+the BERT text encoder, no queries, no cross-attention) and multimodal (queries +
+text, bidirectional); `causal_text=True` is the image-grounded text decoder (queries
+see queries, text sees every query and the text before it).
+
 Layer stack: groups of f layers (cross-attention in the group's first) are one
 scanned stack (`jblip.scan.stack`), so compile time does not grow with depth:
 params `layers/layer_{j}/<path>` with a leading [G] axis stand for layer g*f + j.
@@ -22,7 +28,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jblip.config import QFormerConfig
-from jblip.layers import Dtype, Embed, LayerNorm, Linear, activation, attention, key_padding_bias, logical_param
+from jblip.layers import NEG_INF, Dtype, Embed, LayerNorm, Linear, activation, attention, key_padding_bias, logical_param
 from jblip.scan import stack, with_remat
 
 
@@ -84,6 +90,8 @@ class QFormerLayer(nn.Module):
         self_attn = QFormerAttention(cfg, cfg.hidden_size, **kw, name="self_attn")
         x = norm("self_attn_norm")(rows + self_attn(rows, x, self_bias))
         queries, text = x[:, :num_queries], x[:, num_queries:]
+        if num_queries == 0:  # text mode: no queries, nothing reads the image (init runs the other modes too)
+            return norm("text_ffn_norm")(text + QFormerFFN(cfg, **kw, name="text_ffn")(text))
         if self.has_cross_attention:
             cross = QFormerAttention(cfg, cfg.encoder_hidden_size, "vis_embed", **kw, name="cross_attn")
             queries = norm("cross_attn_norm")(queries + cross(queries, image_embeds))
@@ -145,16 +153,25 @@ class QFormer(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, image_embeds, text_ids=None, text_mask=None, queries_only: bool = False):
-        """`queries_only`: return [B, Q, D], skipping the work that only the text outputs need."""
+    def __call__(self, image_embeds, text_ids=None, text_mask=None, queries_only: bool = False,
+                 use_queries: bool = True, causal_text: bool = False):
+        """`queries_only`: return [B, Q, D], skipping the work that only the text outputs need.
+        `use_queries=False`: text mode, `image_embeds` unused (may be None), returns [B, L, D].
+        `causal_text`: text rows attend causally (and to every query); queries never see text."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self._check_inputs(image_embeds, text_ids, text_mask)
-        b, nq = image_embeds.shape[0], self.num_query_tokens
+        if use_queries:
+            self._check_inputs(image_embeds, text_ids, text_mask)
+        elif text_ids is None or not cfg.use_text_input:
+            raise ValueError("text mode (use_queries=False) needs text_ids and a Q-Former that reads text")
+        b = image_embeds.shape[0] if use_queries else text_ids.shape[0]
+        nq = self.num_query_tokens if use_queries else 0
         queries = logical_param(self, "query_tokens", nn.initializers.normal(0.02),
-                                (nq, cfg.hidden_size), ("qf_queries", "qf_embed"), self.param_dtype)
+                                (self.num_query_tokens, cfg.hidden_size), ("qf_queries", "qf_embed"),
+                                self.param_dtype)[:nq]
         queries = jnp.broadcast_to(queries.astype(self.dtype), (b, nq, cfg.hidden_size))
-        image_embeds = image_embeds.astype(self.dtype)
+        if image_embeds is not None:
+            image_embeds = image_embeds.astype(self.dtype)
 
         if cfg.use_text_input:
             if text_ids is None:  # queries only; zero text positions keep the text params in use
@@ -167,6 +184,8 @@ class QFormer(nn.Module):
         if text_mask is not None:
             mask = jnp.concatenate([jnp.ones((b, nq), bool), text_mask.astype(bool)], axis=1)
             self_bias = key_padding_bias(mask)
+        if causal_text:
+            self_bias = _query_causal_bias(nq, text_ids.shape[1]) + (0.0 if self_bias is None else self_bias)
 
         # The last layer stays out of the scan: under `queries_only` it returns the query rows
         # alone, a shape a scan step cannot change its carry to, and computing its text rows
@@ -203,3 +222,12 @@ class QFormer(nn.Module):
                              f"max_position_embeddings={cfg.max_position_embeddings}")
         if text_mask is not None and tuple(text_mask.shape) != tuple(text_ids.shape):
             raise ValueError(f"text_mask shape {tuple(text_mask.shape)} != text_ids shape {tuple(text_ids.shape)}")
+
+
+def _query_causal_bias(num_queries: int, text_len: int):
+    """[1, 1, Q+L, Q+L] bias of the image-grounded decoder: queries see the queries only, text
+    position i sees every query and text positions <= i."""
+    n = num_queries + text_len
+    row, col = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    allowed = jnp.where(row < num_queries, col < num_queries, (col < num_queries) | (col <= row))
+    return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[None, None]

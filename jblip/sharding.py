@@ -103,6 +103,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("qf_pos", None),
     ("qf_norm", None),
     ("qf_queries", None),
+    ("qf_proj", None),  # retrieval heads: the 256-d ITC space and the 2 ITM logits (tiny)
 )
 
 CACHE_AXES = kv_cache.AXES  # stacked cache leaves [L, B, N, S, H]

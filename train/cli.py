@@ -22,9 +22,10 @@ from jblip.train.config import RECIPES, TrainConfig, read_config_file, recipe
 
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of training options")
-    parser.add_argument("--recipe", choices=sorted(RECIPES),
-                        help="built-in starting settings: instructblip (LAVIS recipe, Q-Former trained) "
-                             "or demo (tiny model on generated data)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES) + ["retrieval-demo"],
+                        help="built-in starting settings: instructblip (LAVIS recipe, Q-Former trained), "
+                             "demo (tiny model on generated data) or retrieval-demo (BLIP-2 stage 1 "
+                             "ITC/ITM/ITG on generated scenes, see jblip.train.retrieval_demo)")
     parser.add_argument("--model", help="HF-format checkpoint directory, hub id, or preset name")
     parser.add_argument("--train-data", metavar="JSONL", help='records {"image", "text_input", "text_output"}')
     parser.add_argument("--eval-data", metavar="JSONL", help="held-out records for loss / exact-match accuracy")
@@ -153,6 +154,9 @@ def _demo_inputs(d: dict, output: str) -> None:
 def run(args) -> int:
     from jblip.commands.common import enable_compilation_cache
     enable_compilation_cache()  # a resumed run compiles nothing it compiled before
+    if args.recipe == "retrieval-demo":
+        from jblip.train import retrieval_demo
+        return retrieval_demo.run(args.export or args.output or "jblip-retrieval-demo", args.steps)
     d = build_config(args)
     if args.recipe == "demo" and not d.get("train_data"):
         _demo_inputs(d, args.output or "jblip-demo")

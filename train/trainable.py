@@ -9,6 +9,7 @@ Sets (paths in the `BlipModel` params tree):
                embeddings), `ln_vision` (= vision/post_layernorm) and the projection
   qformer+llm  the above and the whole language model
   all          everything, ViT included
+  retrieval-stage1  (`jblip.retrieval` params) the Q-Former and its ITC/ITM/ITG heads and temperature
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ TRAINABLE_SETS: dict[str, tuple[str, ...]] = {
     "qformer": QFORMER_SET,
     "qformer+llm": QFORMER_SET + ("llm",),
     "all": ("",),
+    # BLIP-2 stage 1 (jblip.retrieval): the Q-Former and its ITC/ITM/ITG heads, the ViT frozen
+    "retrieval-stage1": ("qformer", "vision_projection", "text_projection", "itm_head", "temp", "lm_head"),
 }
 
 

@@ -1,0 +1,38 @@
+"""What `jblip index` and `jblip search` share: the retrieval model to load (default: the bundled
+demo retrieval model) and image decoding that reports instead of stopping."""
+from __future__ import annotations
+
+import os
+
+import jblip
+
+DEMO_RETRIEVAL_MODEL = os.path.join(os.path.dirname(jblip.__file__), "assets", "retrieval_demo")
+
+
+def add_retrieval_model_argument(parser):
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="HF-format BLIP-2 retrieval checkpoint (Blip2ForImageTextRetrieval) with its BERT "
+                             "tokenizer (default: the bundled demo retrieval model)")
+    parser.add_argument("--batch-size", type=int, default=16)
+
+
+def load_engine(path: str | None, batch_size: int = 16):
+    from jblip.commands.common import enable_compilation_cache
+    from jblip.retrieval.engine import RetrievalEngine
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    path = path or DEMO_RETRIEVAL_MODEL
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no retrieval checkpoint folder at {path}")
+    enable_compilation_cache()
+    return RetrievalEngine.from_pretrained(path, batch_size=batch_size)
+
+
+def load_pixels(engine, path: str):
+    """(pixels [S, S, 3], None) or (None, reason)."""
+    try:
+        return engine.image_processor.preprocess_one(path, path), None
+    except (ValueError, OSError) as e:
+        return None, str(e)
+    except Exception as e:  # an unexpected decoder failure must not stop a long run
+        return None, f"cannot read image {path}: {type(e).__name__}: {e}"
