@@ -212,7 +212,8 @@ class VisionLanguageModel:
     def generate(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
                  qformer_attention_mask=None, sampler: SamplerConfig | None = None, seed=0,
                  **options) -> GenerateOutput:
-        """Decode new tokens for a batch of images + prompts (HF `generate` semantics).
+        """Decode new tokens for a batch of images [B, H, W, C] or videos [B, T, H, W, C] + prompts
+        (HF `generate` semantics).
 
         `sampler` (or keyword options such as max_new_tokens=, strategy="beam", num_beams=)
         controls decoding; knobs such as temperature, top_p, max_new_tokens take a scalar or one
@@ -243,11 +244,14 @@ class VisionLanguageModel:
         return out if width == out.tokens.shape[1] else out._replace(tokens=out.tokens[:, :width])
 
     # ------------------------------------------------------------------ text in, text out
-    def generate_text(self, images, prompts, **options) -> list[str]:
-        """Answers as text for images (paths, PIL images or uint8 arrays) and one prompt per image
-        (or one for all), with the checkpoint's own tokenizers; see `jblip.pipeline.answer`."""
+    def generate_text(self, images=None, prompts=None, *, videos=None, num_frames: int = 4, **options) -> list[str]:
+        """Answers as text for images (paths, PIL images or uint8 arrays), or for `videos` (files,
+        frame folders, GIFs, arrays; `num_frames` sampled from each), and one prompt per input (or
+        one for all), with the checkpoint's own tokenizers; see `jblip.pipeline.answer`."""
         from jblip.pipeline import answer
-        return answer(self, images, prompts, **options)
+        if prompts is None:
+            raise ValueError("generate_text needs prompts= (one, or one per image / video)")
+        return answer(self, images, prompts, videos=videos, num_frames=num_frames, **options)
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
