@@ -8,6 +8,9 @@ never writes a second line for it. The output is checked whole and locked first
 second writer is refused, and only a partial last record is dropped. Unreadable
 images are reported on stderr, not written, and retried by the next run. A short
 last batch is padded to the next power of two, not to --batch-size.
+
+`--videos DIR_OR_GLOB --frames T` captions video files instead (T frames sampled from each, see
+`jblip.video_processing`); their records name the video in the same `image` field.
 """
 from __future__ import annotations
 
@@ -24,14 +27,20 @@ from jblip.commands.common import (add_decoding_arguments, add_model_arguments, 
                                    load_model)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 DEFAULT_PROMPTS = {"instructblip": "A short image description:", "blip2": ""}  # LAVIS captioning prompts
 
 
 def add_arguments(parser):
     add_model_arguments(parser)
-    parser.add_argument("--images", required=True, metavar="DIR_OR_GLOB",
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", metavar="DIR_OR_GLOB",
                         help=f"a folder (searched recursively for {', '.join(IMAGE_EXTENSIONS)}) or a glob such as "
                              "'photos/**/*.jpg' (quote it)")
+    inputs.add_argument("--videos", metavar="DIR_OR_GLOB",
+                        help=f"videos instead: a folder (searched recursively for {', '.join(VIDEO_EXTENSIONS)}) "
+                             "or a glob")
+    parser.add_argument("--frames", type=int, default=4, help="frames sampled uniformly from each video (default 4)")
     parser.add_argument("--prompt", default=None,
                         help="instruction (default: 'A short image description:' for InstructBLIP, '' for BLIP-2)")
     parser.add_argument("--out", required=True, help="JSONL output; appended to, and resumed from, if it exists")
@@ -41,12 +50,12 @@ def add_arguments(parser):
     add_decoding_arguments(parser)
 
 
-def list_images(spec: str) -> list[str]:
+def list_images(spec: str, extensions=IMAGE_EXTENSIONS, what: str = "image") -> list[str]:
     if os.path.isdir(spec):
         found = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
-                 if name.lower().endswith(IMAGE_EXTENSIONS)]
+                 if name.lower().endswith(extensions)]
         if not found:
-            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {spec}")
+            raise FileNotFoundError(f"no {what} files ({', '.join(extensions)}) in {spec}")
     else:
         found = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
         if not found:
@@ -84,8 +93,10 @@ class Progress:
         return text
 
 
-def _load(processor, path):
+def _load(processor, path, frames=None):
     try:
+        if frames is not None:
+            return processor.video_processor([path], frames)[0], None
         return processor.image_processor.preprocess_one(path, path), None
     except (ValueError, OSError) as e:
         return None, str(e)
@@ -96,7 +107,10 @@ def _load(processor, path):
 def run(args) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    paths = list_images(args.images)
+    if args.videos is not None and args.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    paths = (list_images(args.images) if args.videos is None
+             else list_images(args.videos, VIDEO_EXTENSIONS, "video"))
     with CaptionOutput(args.out) as out:  # checked whole and locked before anything else happens
         return _run(args, paths, out)
 
@@ -111,7 +125,9 @@ def _run(args, paths: list[str], out: CaptionOutput) -> int:
     prompt = DEFAULT_PROMPTS[processor.config.model_type] if args.prompt is None else args.prompt
     options = decoding_options(args)
     # the same prompt for every image: its token ids are built once, for a full batch
-    text = processor.text_inputs(prompt, args.batch_size, options.pop("max_length"), options.pop("truncation"))
+    frames = None if args.videos is None else args.frames
+    text = processor.text_inputs(prompt, args.batch_size, options.pop("max_length"), options.pop("truncation"),
+                                 frames=frames)
     progress = Progress(len(todo), len(paths) - len(todo))
     if not todo:
         print(f"caption: all {len(paths)} images are already in {args.out}", file=sys.stderr)
@@ -124,7 +140,7 @@ def _run(args, paths: list[str], out: CaptionOutput) -> int:
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
     progress.start = time.perf_counter()
     with ThreadPoolExecutor(max(1, args.workers)) as pool:
-        submit = lambda batch: [pool.submit(_load, processor, p) for p in batch]  # noqa: E731
+        submit = lambda batch: [pool.submit(_load, processor, p, frames) for p in batch]  # noqa: E731
         ahead = submit(batches[0])
         try:
             for i, batch in enumerate(batches):
