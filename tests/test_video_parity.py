@@ -39,6 +39,14 @@ def test_config_reads_the_video_checkpoint(pair):
     family, _, model = pair
     config = model.config
     assert config.video and config.image_token_index == VIDEO_TOKEN and config.family == family
+    from dataclasses import replace
+    from jblip.config import from_hf_config
+    from jblip.convert.hf_config import hf_config_dict
+    exported = hf_config_dict(config)  # export writes the video config back, HF reads it
+    assert exported["model_type"] == "instructblipvideo" and exported["video_token_index"] == VIDEO_TOKEN
+    assert replace(from_hf_config(exported), name=config.name, precision=config.precision) == config
+    from transformers import InstructBlipVideoConfig
+    assert InstructBlipVideoConfig.from_dict(exported).video_token_index == VIDEO_TOKEN
 
 
 @pytest.mark.parametrize("frames", [4, 1])
