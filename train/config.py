@@ -182,8 +182,8 @@ RECIPES: dict[str, dict] = {
     # The moving-shape video demo (train/video_demo.py): the image demo, grown by four words, trained
     # on clips of a moving circle, 4 frames each ("Which way does the circle move?").
     "video-demo": dict(
-        trainable="all", steps=300, batch_size=32, mesh="data=1", num_frames=4,
-        optim=dict(lr=1e-3, warmup_lr=0.0, warmup_steps=20, total_steps=300, weight_decay=0.05),
+        trainable="all", steps=500, batch_size=32, mesh="data=1", num_frames=4,
+        optim=dict(lr=1e-3, warmup_lr=0.0, warmup_steps=20, total_steps=500, weight_decay=0.05),
         max_input_len=16, max_output_len=4, max_qformer_len=16, eval_every=100, eval_at_start=True,
         eval_batch_size=100, max_new_tokens=3, augment=False, checkpoint_every=100),
 }
