@@ -25,7 +25,7 @@ def clips(tmp_path_factory):
 def test_video_records_train(clips, tmp_path):
     cfg = TrainConfig.from_dict(dict(
         model="tiny-instructblip-vicuna", train_data=clips["train"],
-        tokenizer=clips["tokenizer"], trainable="all", mesh="data=1", batch_size=4, steps=2, num_frames=2,
+        tokenizer=clips["tokenizer"], trainable="all", mesh="data=1", batch_size=2, steps=2, num_frames=2,
         optim=dict(lr=1e-3, warmup_lr=0.0, warmup_steps=1, total_steps=2), augment=False, max_input_len=16,
         max_output_len=4, max_qformer_len=16, progress=False,
         log_file=str(tmp_path / "log.jsonl")))
