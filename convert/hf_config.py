@@ -88,8 +88,11 @@ def hf_config_dict(config: ModelConfig, dtype: str | None = None) -> dict:
         vision_config=vision, qformer_config=qformer, text_config=_TEXT[config.family](config.text),
         use_decoder_only_language_model=not families.family(config).encoder_decoder,
     )
+    if config.video:  # InstructBLIP-Video: same towers and keys, its own names and `<video>` placeholder
+        out.update(architectures=["InstructBlipVideoForConditionalGeneration"], model_type="instructblipvideo")
+        vision["model_type"], qformer["model_type"] = "instructblipvideo_vision_model", "instructblipvideo_qformer"
     if config.image_token_index is not None:
-        out["image_token_index"] = config.image_token_index
+        out["video_token_index" if config.video else "image_token_index"] = config.image_token_index
     if dtype is not None:
         out["dtype"] = out["torch_dtype"] = dtype  # transformers 5 / 4.x spelling
     return out

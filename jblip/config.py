@@ -182,7 +182,8 @@ class ModelConfig:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     text: TextConfig = field(default_factory=LlamaConfig)
     num_query_tokens: int = 32
-    image_token_index: int | None = None   # None: legacy layout, queries prepended
+    image_token_index: int | None = None   # the query placeholder id; None: legacy layout, queries prepended
+    video: bool = False  # an InstructBLIP-Video checkpoint: its placeholder (image_token_index) is `<video>`
     precision: Precision = field(default_factory=Precision)
     name: str = "custom"
     quantization: Quantization | None = None  # weight-only int8/int4 kernels (jblip.quantization)
@@ -313,9 +314,10 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
     if not isinstance(cfg, dict):
         raise ConfigError(f"a config.json must hold a JSON object, got {type(cfg).__name__}")
     model_type = str(cfg.get("model_type", "")).lower()
-    if model_type not in ("instructblip", "blip-2", "blip_2", "blip2"):
-        raise ConfigError(f"unknown model family {model_type!r}: expected an InstructBLIP or BLIP-2 config.json")
-    instruct = model_type == "instructblip"
+    if model_type not in ("instructblip", "instructblipvideo", "blip-2", "blip_2", "blip2"):
+        raise ConfigError(f"unknown model family {model_type!r}: expected an InstructBLIP(-Video) or BLIP-2 config.json")
+    video = model_type == "instructblipvideo"
+    instruct = model_type in ("instructblip", "instructblipvideo")
     text = text_config_from_hf(_section(cfg, "text_config"))
     vcfg, qcfg = _section(cfg, "vision_config"), _section(cfg, "qformer_config", required=False)
 
@@ -330,11 +332,15 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
     qformer = QFormerConfig(**q)
 
     top = checked_fields(ModelConfig, _pick(cfg, _TOP_KEYS, None), "", _TOP_KEYS)
-    if "image_token_index" not in top and cfg.get("image_token_id") is not None:
-        top = checked_fields(ModelConfig, dict(image_token_index=cfg["image_token_id"]), "",
-                             dict(image_token_index="image_token_id"))
+    # the video model's placeholder (`<video>`) plays the image one's part: same field here
+    spellings = ("video_token_index", "video_token_id") if video else ("image_token_id",)
+    for key in spellings:
+        if "image_token_index" not in top and cfg.get(key) is not None:
+            top.update(checked_fields(ModelConfig, dict(image_token_index=cfg[key]), "",
+                                      dict(image_token_index=key)))
     quantization = Quantization.parse(cfg.get(QUANTIZATION_KEY))  # set in already-quantised jblip checkpoints
-    config = ModelConfig(vision=vision, qformer=qformer, text=text, name=name, quantization=quantization, **top)
+    config = ModelConfig(vision=vision, qformer=qformer, text=text, name=name, video=video,
+                         quantization=quantization, **top)
     check_shapes(config)
     return config
 

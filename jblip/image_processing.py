@@ -155,8 +155,9 @@ class ImageProcessor:
 
 def _saved_image_settings(path: str) -> dict:
     """The image-processor dict of a checkpoint: `preprocessor_config.json` (older saves) or the
-    `image_processor` entry of `processor_config.json` (transformers 5.x)."""
-    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+    `image_processor` (or `video_processor`) entry of `processor_config.json` (transformers 5.x)."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor"),
+                      ("processor_config.json", "video_processor")):  # InstructBLIP-Video saves
         file = os.path.join(path, name)
         if os.path.isfile(file):
             with open(file) as f:

@@ -60,16 +60,32 @@ class BlipModel(nn.Module):
         """Post-layernorm ViT output [B, 1+P, D_v] (pixels NHWC)."""
         return self.vision(pixel_values)
 
+    def query_features(self, pixel_values, qformer_ids=None, qformer_mask=None):
+        """Q-Former query outputs: [B, Q, D_q] for images [B, H, W, C]; [B*T, Q, D_q] for videos
+        [B, T, H, W, C], whose frames run as B*T images with the instruction repeated per frame
+        (InstructBLIP-Video). The rank of the pixels is static, so each kind is its own program."""
+        if pixel_values.ndim == 5:
+            frames = pixel_values.shape[1]
+            pixel_values = pixel_values.reshape((-1,) + pixel_values.shape[2:])
+            if qformer_ids is not None:
+                qformer_ids = jnp.repeat(qformer_ids, frames, axis=0)
+            if qformer_mask is not None:
+                qformer_mask = jnp.repeat(qformer_mask, frames, axis=0)
+        return self.qformer(self.vision(pixel_values), qformer_ids, qformer_mask, queries_only=True)
+
     def encode_image(self, pixel_values, qformer_ids=None, qformer_mask=None):
-        """Projected query outputs [B, Q, D_llm]: the soft prompt for the language model."""
-        image = self.vision(pixel_values)
-        return self.projection(self.qformer(image, qformer_ids, qformer_mask, queries_only=True))
+        """Projected query outputs, the soft prompt for the language model: [B, Q, D_llm] for
+        images, [B, T*Q, D_llm] for videos (each frame's queries in frame order)."""
+        queries = self.projection(self.query_features(pixel_values, qformer_ids, qformer_mask))
+        if pixel_values.ndim == 5:
+            queries = queries.reshape(pixel_values.shape[0], -1, queries.shape[-1])
+        return queries
 
     def merge_queries(self, queries, input_ids, attention_mask, prepend_queries: bool):
         """Language-model input embeddings and mask with the queries in place.
 
-        prepend_queries=False: `input_ids` hold `num_query_tokens` placeholder ids
-        (`config.image_token_index`) per row, replaced in order (current HF layout).
+        prepend_queries=False: `input_ids` hold one placeholder id (`config.image_token_index`)
+        per query row (`num_query_tokens`, times T for a video), replaced in order (current HF layout).
         prepend_queries=True: the legacy/LAVIS layout, queries in front of the text.
         """
         embeds = self.llm.embed(input_ids)

@@ -2,6 +2,7 @@
 
     model = jblip.load_pretrained("path/to/instructblip")     # or a hub id
     model.generate_text("cat.png", "What is the cat doing?")   # -> ["sleeping on a sofa"]
+    model.generate_text(videos=["clip.mp4"], prompts="What happens?", num_frames=4)
     answer(model, ["a.png", "b.png"], ["What colour is it?", "How many?"], preset="instructblip")
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Sequence
 from jblip.image_processing import ImageLike
 from jblip.processing import DEFAULT_MAX_LENGTH, Processor
 from jblip.sampling import PRESETS, SamplerConfig
+from jblip.video_processing import DEFAULT_NUM_FRAMES
 
 # The small InstructBLIP shipped inside the package (HF directory layout), used when no model is named.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
@@ -70,18 +72,27 @@ def processor_for(model) -> Processor:
     return processor
 
 
-def answer(model, images: ImageLike | Sequence[ImageLike], prompts: str | Sequence[str], *,
+def answer(model, images: ImageLike | Sequence[ImageLike] | None, prompts: str | Sequence[str], *,
            processor: Processor | None = None, preset: str | None = None, sampler: SamplerConfig | None = None,
            seed: int = 0, max_length: int | None = DEFAULT_MAX_LENGTH, truncation: bool = True,
-           **options) -> list[str]:
+           videos=None, num_frames: int = DEFAULT_NUM_FRAMES, **options) -> list[str]:
     """Answer one prompt per image (or one prompt for all): a list of strings, one per image
     (num_return_sequences per image, consecutively, when more are asked for).
 
-    `images`: file paths, PIL images or uint8 arrays. Decoding: see `sampler_for`
+    `images`: file paths, PIL images or uint8 arrays. Or, instead, `videos`: a list of video
+    files, frame folders, animated GIFs, uint8 arrays [frames, H, W, 3] or lists of frames, each
+    sampled to `num_frames` frames (`jblip.video_processing`). Decoding: see `sampler_for`
     (e.g. max_new_tokens=20, num_beams=5, do_sample=True, top_p=0.9). Prompts longer than
     `max_length` tokens are cut from the left, or rejected with truncation=False."""
+    if (images is None) == (videos is None):
+        raise ValueError("give either images or videos (one of the two)")
     processor = processor or processor_for(model)
     cfg = sampler_for(model, preset, sampler, **options)
-    inputs = processor(images, prompts, max_length=max_length, truncation=truncation, new_tokens=cfg.max_new_tokens)
+    if videos is not None:
+        inputs = processor.videos(videos, prompts, num_frames, max_length=max_length, truncation=truncation,
+                                  new_tokens=cfg.max_new_tokens)
+    else:
+        inputs = processor(images, prompts, max_length=max_length, truncation=truncation,
+                           new_tokens=cfg.max_new_tokens)
     output = model.generate(**inputs, sampler=cfg, seed=seed)
     return processor.decode(output)

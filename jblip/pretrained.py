@@ -24,15 +24,23 @@ class InputError(ValueError):
 
 
 def _as_nhwc(pixel_values, channels: int):
+    """Images [B, H, W, C] or videos [B, T, H, W, C] as float32 (PyTorch's channels-first
+    layouts, [B, C, H, W] and [B, T, C, H, W], are unambiguous, so they are accepted too)."""
     x = np.asarray(pixel_values) if not isinstance(pixel_values, jax.Array) else pixel_values
-    if x.ndim != 4:
-        raise InputError(f"pixel_values must be 4-D [batch, height, width, {channels}], got shape {tuple(x.shape)}")
+    if x.ndim not in (4, 5):
+        raise InputError(f"pixel_values must be 4-D images [batch, height, width, {channels}] or 5-D videos "
+                         f"[batch, frames, height, width, {channels}], got shape {tuple(x.shape)}")
     if x.shape[-1] == channels:
         return jnp.asarray(x, jnp.float32)
-    if x.shape[1] == channels:  # PyTorch NCHW layout: unambiguous, so accept it
-        return jnp.asarray(x, jnp.float32).transpose(0, 2, 3, 1)
-    raise InputError(f"pixel_values shape {tuple(x.shape)} has no channel axis of size {channels} "
-                     "(expected NHWC [batch, height, width, channels])")
+    if x.shape[-3] == channels:
+        return jnp.moveaxis(jnp.asarray(x, jnp.float32), -3, -1)
+    layout = "NHWC [batch, height, width, channels]" if x.ndim == 4 else "[batch, frames, height, width, channels]"
+    raise InputError(f"pixel_values shape {tuple(x.shape)} has no channel axis of size {channels} (expected {layout})")
+
+
+def num_frames(pixels) -> int:
+    """Frames per sample: T of video pixels [B, T, H, W, C], 1 for images."""
+    return pixels.shape[1] if pixels.ndim == 5 else 1
 
 
 def check_token_ids(ids, vocab: int, what: str):
@@ -141,28 +149,31 @@ class VisionLanguageModel:
         mask = np.ones_like(ids) if qformer_attention_mask is None else np.asarray(qformer_attention_mask)
         return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
 
-    def query_layout(self, input_ids) -> bool:
-        """True when the queries must be prepended (no placeholders in input_ids)."""
+    def query_layout(self, input_ids, frames: int = 1) -> bool:
+        """True when the queries must be prepended (no placeholders in input_ids); a video of
+        `frames` frames has frames * num_query_tokens placeholders per row."""
         ids = np.asarray(input_ids)
         token = self.config.image_token_index
         counts = np.zeros(ids.shape[0], int) if token is None else (ids == token).sum(-1)
         if np.all(counts == 0):
             return True
-        q = self.config.num_query_tokens
+        q = self.config.num_query_tokens * frames
         if np.all(counts == q):
             return False
-        raise InputError(f"each row of input_ids must hold either 0 or exactly {q} image placeholder "
+        what = "image" if frames == 1 else f"placeholder tokens for {frames} frames x {self.config.num_query_tokens}"
+        raise InputError(f"each row of input_ids must hold either 0 or exactly {q} {what} placeholder "
                          f"tokens (id {token}); got counts {counts.tolist()}")
 
     def encode_image(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None):
-        """Projected query outputs [B, Q, D_llm]."""
+        """Projected query outputs [B, Q, D_llm] (videos [B, T, H, W, C]: [B, T*Q, D_llm])."""
         pixels = _as_nhwc(pixel_values, self.config.vision.num_channels)
         q_ids, q_mask = self._qformer_inputs(pixels.shape[0], qformer_input_ids, qformer_attention_mask)
         return self._run("encode", dict(pixel_values=pixels, qformer_ids=q_ids, qformer_mask=q_mask))
 
     def forward(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
                 qformer_attention_mask=None, decoder_input_ids=None):
-        """Logits [B, T, V] (float32). Decoder-only: T covers the queries when they are prepended."""
+        """Logits [B, L, V] (float32). Decoder-only: L covers the queries when they are prepended.
+        `pixel_values`: images [B, H, W, C] or videos [B, T, H, W, C]."""
         pixels = _as_nhwc(pixel_values, self.config.vision.num_channels)
         batch = pixels.shape[0]
         ids = np.asarray(input_ids)
@@ -180,7 +191,7 @@ class VisionLanguageModel:
                 raise InputError("Flan-T5 models need decoder_input_ids (start with decoder_start_token_id "
                                  f"{self.config.text.decoder_start_token_id})")
             inputs["decoder_input_ids"] = jnp.asarray(decoder_input_ids, jnp.int32)
-        return self._run("forward", inputs, self.query_layout(ids))
+        return self._run("forward", inputs, self.query_layout(ids, num_frames(pixels)))
 
     __call__ = forward
 
@@ -201,7 +212,8 @@ class VisionLanguageModel:
     def generate(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
                  qformer_attention_mask=None, sampler: SamplerConfig | None = None, seed=0,
                  **options) -> GenerateOutput:
-        """Decode new tokens for a batch of images + prompts (HF `generate` semantics).
+        """Decode new tokens for a batch of images [B, H, W, C] or videos [B, T, H, W, C] + prompts
+        (HF `generate` semantics).
 
         `sampler` (or keyword options such as max_new_tokens=, strategy="beam", num_beams=)
         controls decoding; knobs such as temperature, top_p, max_new_tokens take a scalar or one
@@ -219,8 +231,9 @@ class VisionLanguageModel:
             raise InputError(f"input_ids/attention_mask must both be [batch={batch}, length]; got {ids.shape}, {mask.shape}")
         check_token_ids(ids, self.config.text.vocab_size, "input_ids")
         static, rows = split(cfg, batch, seed)
-        prepend = self.query_layout(ids)
-        ids, mask = pad_to_bucket(ids, mask, self.config, longest_output(cfg), cfg.pad_token_id)
+        frames = num_frames(pixels)
+        prepend = self.query_layout(ids, frames)
+        ids, mask = pad_to_bucket(ids, mask, self.config, longest_output(cfg), cfg.pad_token_id, frames)
         q_ids, q_mask = self._qformer_inputs(batch, qformer_input_ids, qformer_attention_mask)
         inputs = self.shard_inputs(dict(pixel_values=pixels, input_ids=np.asarray(ids, np.int32),
                                         attention_mask=np.asarray(mask, np.int32), qformer_ids=q_ids,
@@ -231,11 +244,14 @@ class VisionLanguageModel:
         return out if width == out.tokens.shape[1] else out._replace(tokens=out.tokens[:, :width])
 
     # ------------------------------------------------------------------ text in, text out
-    def generate_text(self, images, prompts, **options) -> list[str]:
-        """Answers as text for images (paths, PIL images or uint8 arrays) and one prompt per image
-        (or one for all), with the checkpoint's own tokenizers; see `jblip.pipeline.answer`."""
+    def generate_text(self, images=None, prompts=None, *, videos=None, num_frames: int = 4, **options) -> list[str]:
+        """Answers as text for images (paths, PIL images or uint8 arrays), or for `videos` (files,
+        frame folders, GIFs, arrays; `num_frames` sampled from each), and one prompt per input (or
+        one for all), with the checkpoint's own tokenizers; see `jblip.pipeline.answer`."""
         from jblip.pipeline import answer
-        return answer(self, images, prompts, **options)
+        if prompts is None:
+            raise ValueError("generate_text needs prompts= (one, or one per image / video)")
+        return answer(self, images, prompts, videos=videos, num_frames=num_frames, **options)
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -243,14 +259,14 @@ def bucket_length(n: int, minimum: int = 16) -> int:
     return bucket(n, minimum)
 
 
-def pad_to_bucket(ids, mask, config: ModelConfig, max_new_tokens: int, pad_token_id: int):
+def pad_to_bucket(ids, mask, config: ModelConfig, max_new_tokens: int, pad_token_id: int, frames: int = 1):
     """Left-pad decoder-only prompts (right-pad T5 encoder inputs) to the bucket length, after
     checking that prompt + `max_new_tokens` (the longest row's) fit the LM's positions."""
     n = ids.shape[1]
     family = families.family(config)
     limit = getattr(config.text, "max_position_embeddings", None)
     if limit is not None and family.prompt_uses_positions:
-        used = n + (config.num_query_tokens if config.image_token_index is None or
+        used = n + (config.num_query_tokens * frames if config.image_token_index is None or
                     not np.any(ids == config.image_token_index) else 0)
         if used + max_new_tokens > limit:
             raise InputError(f"prompt of {used} positions + max_new_tokens={max_new_tokens} exceeds the "

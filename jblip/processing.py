@@ -15,6 +15,9 @@
 - long instructions: cut from the left to `max_length` tokens (default 128 =
   LAVIS `max_txt_len`, counted without the query placeholders and applied to
   both tokenizers, as LAVIS does), or rejected with `truncation=False`.
+- videos (`Processor.videos`): T frames per video, T * `num_query_tokens` placeholders in
+  front of each row (`<video>` for an InstructBLIP-Video checkpoint), as
+  `InstructBlipVideoProcessor` lays them out for its 4 frames.
 - empty prompts: an error for InstructBLIP (it needs an instruction); allowed
   for BLIP-2, whose captioning prompt is "" in LAVIS (the LM then starts from BOS).
 
@@ -33,6 +36,7 @@ from jblip import families
 from jblip.config import ModelConfig, from_hf_config
 from jblip.image_processing import ImageLike, ImageProcessor
 from jblip.text_processing import TextTokenizer, load_tokenizers
+from jblip.video_processing import DEFAULT_NUM_FRAMES, VideoProcessor
 
 DEFAULT_MAX_LENGTH = 128  # LAVIS max_txt_len of the InstructBLIP models
 
@@ -55,6 +59,7 @@ class Processor:
         self.qformer_tokenizer = qformer_tokenizer if config.qformer.use_text_input else None
         self.max_length = max_length
         self.truncation = truncation
+        self.video_processor = VideoProcessor(image_processor)
         self._check_image_token()
 
     def __repr__(self):
@@ -73,20 +78,23 @@ class Processor:
         return cls(config, images, tokenizer, qformer_tokenizer, **kwargs)
 
     def _check_image_token(self):
-        saved = self.tokenizer.token_id("<image>")
+        token = "<video>" if self.config.video else "<image>"
+        saved = self.tokenizer.token_id(token)
         expected = self.config.image_token_index
         if saved is not None and expected is not None and saved != expected:
-            raise ValueError(f"the tokenizer's <image> token has id {saved} but the model config says "
-                             f"image_token_index={expected}; tokenizer and checkpoint do not belong together")
+            field = "video_token_index" if self.config.video else "image_token_index"
+            raise ValueError(f"the tokenizer's {token} token has id {saved} but the model config says "
+                             f"{field}={expected}; tokenizer and checkpoint do not belong together")
 
     # ------------------------------------------------------------------ limits
-    def limits(self, max_length: int | None, new_tokens: int = 0) -> tuple[int | None, int | None]:
+    def limits(self, max_length: int | None, new_tokens: int = 0, frames: int = 1) -> tuple[int | None, int | None]:
         """(language-model prompt limit, Q-Former text limit) in tokens. A decoder-only LM's
-        positions hold the queries, the prompt and the `new_tokens` still to be generated."""
+        positions hold the queries (`frames` times for a video), the prompt and the `new_tokens`
+        still to be generated."""
         text_limit = max_length
         model_positions = getattr(self.config.text, "max_position_embeddings", None)
         if model_positions is not None and families.family(self.config).prompt_uses_positions:
-            room = model_positions - self.config.num_query_tokens - new_tokens
+            room = model_positions - self.config.num_query_tokens * frames - new_tokens
             text_limit = room if text_limit is None else min(text_limit, room)
         q_limit = self.config.qformer.max_position_embeddings
         q_limit = q_limit if max_length is None else min(max_length, q_limit)
@@ -113,12 +121,12 @@ class Processor:
         return tokenizer.encode(prompts, max_length=limit)
 
     # ------------------------------------------------------------------ text
-    def _prompts(self, prompts: str | Sequence[str], batch: int | None) -> list[str]:
+    def _prompts(self, prompts: str | Sequence[str], batch: int | None, what: str = "image") -> list[str]:
         if isinstance(prompts, str):
             prompts = [prompts] * (batch or 1)
         prompts = list(prompts)
         if batch is not None and len(prompts) != batch:
-            raise PromptError(f"got {len(prompts)} prompts for {batch} images; give one prompt, or one per image")
+            raise PromptError(f"got {len(prompts)} prompts for {batch} {what}s; give one prompt, or one per {what}")
         if not prompts:
             raise PromptError("no prompts given")
         for i, p in enumerate(prompts):
@@ -131,15 +139,16 @@ class Processor:
 
     def text_inputs(self, prompts: str | Sequence[str], batch: int | None = None,
                     max_length: int | None | str = "default", truncation: bool | None = None,
-                    new_tokens: int = 0) -> dict:
+                    new_tokens: int = 0, frames: int | None = None) -> dict:
         """input_ids / attention_mask (+ qformer_input_ids / qformer_attention_mask), int32 numpy.
-        `new_tokens`: how many tokens will be generated after the prompt (room kept for them)."""
-        prompts = self._prompts(prompts, batch)
+        `new_tokens`: how many tokens will be generated after the prompt (room kept for them);
+        `frames`: the placeholder layout of videos with that many frames (None: images)."""
+        prompts = self._prompts(prompts, batch, "image" if frames is None else "video")
         max_length = self.max_length if max_length == "default" else max_length
         truncation = self.truncation if truncation is None else truncation
-        text_limit, q_limit = self.limits(max_length, new_tokens)
+        text_limit, q_limit = self.limits(max_length, new_tokens, frames or 1)
         ids = self._encode(self.tokenizer, prompts, text_limit, truncation, "language-model", max_length, new_tokens)
-        out = self._layout(ids)
+        out = self._layout(ids, frames or 1)
         if self.qformer_tokenizer is not None:
             q_ids = self._encode(self.qformer_tokenizer, prompts, q_limit, truncation, "Q-Former", max_length)
             pad = _first_not_none(self.qformer_tokenizer.special_id("pad_token"), self.config.qformer.pad_token_id)
@@ -148,12 +157,12 @@ class Processor:
             out["qformer_input_ids"] = out["qformer_attention_mask"] = None
         return out
 
-    def _layout(self, ids: list[list[int]]) -> dict:
+    def _layout(self, ids: list[list[int]], frames: int = 1) -> dict:
         config = self.config
         pad = _first_not_none(self.tokenizer.special_id("pad_token"), getattr(config.text, "pad_token_id", 0))
         text_ids, text_mask = _pad(ids, pad, left=families.family(config).prompt_padding_side == "left")
         if config.image_token_index is not None:
-            batch, q = len(ids), config.num_query_tokens
+            batch, q = len(ids), config.num_query_tokens * frames
             text_ids = np.concatenate([np.full((batch, q), config.image_token_index, np.int32), text_ids], 1)
             text_mask = np.concatenate([np.ones((batch, q), np.int32), text_mask], 1)
         return dict(input_ids=text_ids, attention_mask=text_mask)
@@ -166,6 +175,15 @@ class Processor:
         qformer_attention_mask: keyword arguments for `VisionLanguageModel.generate`."""
         pixels = self.image_processor(images)
         inputs = self.text_inputs(prompts, pixels.shape[0], max_length, truncation, new_tokens)
+        return dict(pixel_values=pixels, **inputs)
+
+    def videos(self, videos, prompts: str | Sequence[str], num_frames: int = DEFAULT_NUM_FRAMES,
+               max_length: int | None | str = "default", truncation: bool | None = None,
+               new_tokens: int = 0) -> dict:
+        """pixel_values [B, T, S, S, 3] float32 (T = `num_frames` sampled per video, see
+        `jblip.video_processing`) and the text inputs with T * Q placeholders per row."""
+        pixels = self.video_processor(videos, num_frames)
+        inputs = self.text_inputs(prompts, pixels.shape[0], max_length, truncation, new_tokens, frames=pixels.shape[1])
         return dict(pixel_values=pixels, **inputs)
 
     def decode(self, tokens, lengths=None) -> list[str]:

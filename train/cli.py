@@ -1,6 +1,7 @@
 """`jblip train`: fine-tune from a YAML/JSON config, a named recipe, or both.
 
     jblip train --recipe demo --output runs/demo --export jblip/assets/demo   # the bundled demo model
+    jblip train --recipe video-demo --output runs/video   # moving-circle clips, 4 frames each
     jblip train --config vqa.yaml                         # your model and data (see train/config.py)
     jblip train --recipe instructblip --model DIR --train-data train.jsonl --output runs/x
 
@@ -24,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of training options")
     parser.add_argument("--recipe", choices=sorted(RECIPES) + ["retrieval-demo"],
                         help="built-in starting settings: instructblip (LAVIS recipe, Q-Former trained), "
-                             "demo (tiny model on generated data) or retrieval-demo (BLIP-2 stage 1 "
-                             "ITC/ITM/ITG on generated scenes, see jblip.train.retrieval_demo)")
+                             "demo (tiny model on generated data), video-demo (moving-circle clips) or "
+                             "retrieval-demo (BLIP-2 stage 1 ITC/ITM/ITG on generated scenes, see "
+                             "jblip.train.retrieval_demo)")
     parser.add_argument("--model", help="HF-format checkpoint directory, hub id, or preset name")
     parser.add_argument("--train-data", metavar="JSONL", help='records {"image", "text_input", "text_output"}')
     parser.add_argument("--eval-data", metavar="JSONL", help="held-out records for loss / exact-match accuracy")
@@ -151,6 +153,24 @@ def _demo_inputs(d: dict, output: str) -> None:
         d["model"] = start
 
 
+def _video_demo_inputs(d: dict, output: str) -> None:
+    """The video demo's generated clips and its starting model (the image demo, vocabulary grown)."""
+    from jblip.pipeline import DEFAULT_MODEL
+    from jblip.train.video_demo import VIDEO_DEMO_DATA, make_video_dataset, start_model
+    base = os.path.abspath(output)
+    data_dir = os.path.join(base, "data")
+    _write_once(data_dir, "the moving-circle clips", lambda folder: make_video_dataset(folder, **VIDEO_DEMO_DATA),
+                os.path.join("tokenizer", "tokenizer.json"))
+    d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
+             tokenizer=os.path.join(data_dir, "tokenizer"))
+    d.setdefault("checkpoint_dir", os.path.join(base, "checkpoints"))
+    if not d.get("model"):
+        start = os.path.join(data_dir, "start_model")
+        _write_once(start, "the starting model (the image demo, vocabulary grown)",
+                    lambda folder: start_model(folder, DEFAULT_MODEL), "tokenizer.json")
+        d["model"] = start
+
+
 def run(args) -> int:
     from jblip.commands.common import enable_compilation_cache
     enable_compilation_cache()  # a resumed run compiles nothing it compiled before
@@ -160,6 +180,8 @@ def run(args) -> int:
     d = build_config(args)
     if args.recipe == "demo" and not d.get("train_data"):
         _demo_inputs(d, args.output or "jblip-demo")
+    if args.recipe == "video-demo" and not d.get("train_data"):
+        _video_demo_inputs(d, args.output or "jblip-video-demo")
     cfg = TrainConfig.from_dict(d)
     if not cfg.checkpoint_dir or not cfg.checkpoint_every:
         print("jblip train: note: " + ("no checkpoint_dir (or --output): an interrupted run starts over"

@@ -31,7 +31,7 @@ from jblip.train.optim import OptimConfig
 # integer options and their least allowed value
 _INTEGERS = dict(batch_size=1, steps=1, seed=0, init_seed=0, max_input_len=1, max_output_len=1, max_qformer_len=1,
                  eval_every=0, eval_batch_size=1, max_new_tokens=1, checkpoint_every=0, keep_checkpoints=1,
-                 log_every=1, data_threads=0, data_processes=0)
+                 log_every=1, data_threads=0, data_processes=0, num_frames=1)
 _PATHS = ("eval_data", "image_root", "tokenizer", "qformer_tokenizer", "checkpoint_dir", "log_file", "export_dir")
 
 
@@ -63,6 +63,7 @@ class TrainConfig:
     augment: bool = True                  # random resized crop + flip on the training images
     data_threads: int = 4                 # grain read-ahead threads decoding training images
     data_processes: int = 0               # > 0: grain worker processes decode instead (mp_prefetch)
+    num_frames: int = 4                   # frames sampled from each video record ({"video": ...})
     eval_every: int = 0                   # optimizer updates; 0: only at the end (if eval_data)
     eval_at_start: bool = False           # also evaluate the model before training (the baseline)
     eval_batch_size: int = 8
@@ -183,6 +184,13 @@ RECIPES: dict[str, dict] = {
         model="demo-instructblip-vicuna", trainable="all", steps=1500, batch_size=64, mesh="data=1",
         init_std=0.1, optim=dict(lr=1e-3, warmup_lr=0.0, warmup_steps=50, total_steps=1500, weight_decay=0.05),
         max_input_len=16, max_output_len=4, max_qformer_len=16, eval_every=500, eval_at_start=True,
+        eval_batch_size=100, max_new_tokens=3, augment=False, checkpoint_every=100),
+    # The moving-shape video demo (train/video_demo.py): the image demo, grown by four words, trained
+    # on clips of a moving circle, 4 frames each ("Which way does the circle move?").
+    "video-demo": dict(
+        trainable="all", steps=500, batch_size=32, mesh="data=1", num_frames=4,
+        optim=dict(lr=1e-3, warmup_lr=0.0, warmup_steps=20, total_steps=500, weight_decay=0.05),
+        max_input_len=16, max_output_len=4, max_qformer_len=16, eval_every=100, eval_at_start=True,
         eval_batch_size=100, max_new_tokens=3, augment=False, checkpoint_every=100),
 }
 

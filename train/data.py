@@ -2,6 +2,9 @@
 
 A data file has one JSON object per line:
     {"image": "images/0001.jpg", "text_input": "What colour is the shape?", "text_output": "red"}
+or, for a video model, `"video": "clips/0001.mp4"` instead of "image" (a video file, animated GIF
+or folder of frames, `jblip.video_processing`; one file holds one kind of record). Video frames
+get the eval transform, not the random crop + flip: flipping would reverse the motion.
 Image paths are relative to the JSONL file (or `image_root`). Instead of text,
 a record may carry token ids (no special tokens): "input_ids", "output_ids"
 and optionally "qformer_ids"; then no tokenizer is needed.
@@ -43,9 +46,12 @@ def _problem(rec, root: str) -> str | None:
     """What is wrong with one parsed record, or None."""
     if not isinstance(rec, dict):
         return "a record must be a JSON object"
-    image = rec.get("image")
+    if ("image" in rec) == ("video" in rec):
+        return "a record needs an \"image\" or a \"video\" (one of the two)"
+    key = "image" if "image" in rec else "video"
+    image = rec[key]
     if not isinstance(image, str) or not image:
-        return f"\"image\" must be a path string, got {image!r}"
+        return f"\"{key}\" must be a path string, got {image!r}"
     if all(k in rec for k in ID_KEYS):
         for key in (*ID_KEYS, "qformer_ids"):
             ids = rec.get(key, [])
@@ -57,8 +63,9 @@ def _problem(rec, root: str) -> str | None:
                 return f"\"{key}\" must be a string, got {rec[key]!r}"
     else:
         return "a record needs \"text_input\" and \"text_output\" (or token ids \"input_ids\" and \"output_ids\")"
-    if not os.path.isfile(os.path.join(root, image)):
-        return f"image file not found: {os.path.join(root, image)}"
+    found = os.path.isfile if key == "image" else os.path.exists  # a video may be a folder of frames
+    if not found(os.path.join(root, image)):
+        return f"{key} file not found: {os.path.join(root, image)}"
     return None
 
 
@@ -80,13 +87,34 @@ def read_jsonl(path: str, image_root: str | None = None) -> list[dict]:
             if problem:
                 problems.append(f"line {line_no}: {problem}")
                 continue
-            records.append(dict(rec, image=os.path.join(root, rec["image"])))
+            key = "image" if "image" in rec else "video"
+            records.append(dict(rec, **{key: os.path.join(root, rec[key])}))
     if problems:
         more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise DataError(f"{path}: {len(problems)} bad record(s): " + "; ".join(problems[:MAX_LISTED]) + more)
     if not records:
         raise DataError(f"{path}: no records")
+    videos = sum("video" in r for r in records)
+    if 0 < videos < len(records):
+        raise DataError(f"{path}: {videos} video and {len(records) - videos} image records; a data file holds "
+                        "one kind (a batch is either images or videos)")
     return records
+
+
+def holds_videos(records: list[dict]) -> bool:
+    return "video" in records[0]
+
+
+def record_pixels(rec: dict, image_size: int, num_frames: int, load_image: Callable = images.load_rgb,
+                  transform: Callable | None = None) -> np.ndarray:
+    """A record's pixels: [S, S, 3] for an image (`transform`, default the eval one), or
+    [T, S, S, 3] for a video (T = `num_frames` uniformly sampled, each through the eval transform)."""
+    if "video" in rec:
+        from jblip.video_processing import load_frames
+        frames = load_frames(rec["video"], num_frames, rec["video"])
+        return np.stack([images.eval_transform(images.as_rgb(f), image_size) for f in frames])
+    img = load_image(rec["image"])
+    return transform(img) if transform is not None else images.eval_transform(img, image_size)
 
 
 @dataclass
@@ -127,18 +155,17 @@ class _Example:
     record in file order whose image decodes (so batches stay full and a resumed run replaces it
     the same way); the indices passed over travel with the example to the main process."""
 
-    def __init__(self, records, encoder, image_size: int, train: bool, load_image: Callable):
+    def __init__(self, records, encoder, image_size: int, train: bool, load_image: Callable, num_frames: int):
         self.records, self.encoder, self.image_size = records, encoder, image_size
-        self.train, self.load_image = train, load_image
+        self.train, self.load_image, self.num_frames = train, load_image, num_frames
 
     def __call__(self, index: int, rng: np.random.Generator | None = None):
         n, passed = len(self.records), []
+        augment = (lambda img: images.train_transform(img, self.image_size, rng)) if self.train else None  # noqa: E731
         for i in (int(index) + j for j in range(n)):
             rec = self.records[i % n]
             try:
-                img = self.load_image(rec["image"])
-                pixels = (images.train_transform(img, self.image_size, rng) if self.train
-                          else images.eval_transform(img, self.image_size))
+                pixels = record_pixels(rec, self.image_size, self.num_frames, self.load_image, augment)
                 return self.encoder.example(rec), pixels, passed
             except (OSError, ValueError) as e:  # ImageError is a ValueError
                 passed.append((i % n, str(e)))
@@ -179,7 +206,7 @@ class BatchStream:
                  seed: int = 0, position: int = 0, train: bool = True, shuffle: bool = True,
                  process_index: int | None = None, process_count: int | None = None,
                  lengths: dict[str, int] | None = None, workers: int = 4, processes: int = 0,
-                 load_image: Callable = images.load_rgb):
+                 load_image: Callable = images.load_rgb, num_frames: int = 4):
         import grain
         import jax
         self.process_index = jax.process_index() if process_index is None else process_index
@@ -189,7 +216,7 @@ class BatchStream:
         self.seed, self.global_batch, self.position = seed, global_batch, position
         self.workers, self.processes = workers, processes
         self.unreadable: set[int] = set()  # record indices whose image failed to decode
-        example = _Example(records, encoder, image_size, train, load_image)
+        example = _Example(records, encoder, image_size, train, load_image, num_frames)
         ds = grain.MapDataset.range(len(records))
         if shuffle:
             ds = ds.shuffle(seed=seed)
@@ -247,7 +274,7 @@ class BatchStream:
 
 
 def eval_batches(records: list[dict], encoder: Encoder, batch_size: int, image_size: int,
-                 lengths: dict[str, int] | None = None, load_image: Callable = images.load_rgb):
+                 lengths: dict[str, int] | None = None, load_image: Callable = images.load_rgb, num_frames: int = 4):
     """(loss batch, prompt batch, answers, count) for consecutive slices of a held-out set.
 
     The last slice is padded up to `batch_size` with copies of its first record
@@ -256,7 +283,7 @@ def eval_batches(records: list[dict], encoder: Encoder, batch_size: int, image_s
     for start in range(0, len(records), batch_size):
         real = records[start:start + batch_size]
         recs = real + [real[0]] * (batch_size - len(real))
-        pixels = np.stack([images.eval_transform(load_image(r["image"]), image_size) for r in recs])
+        pixels = np.stack([record_pixels(r, image_size, num_frames, load_image) for r in recs])
         batch = collate([encoder.example(r) for r in recs], encoder.layout, lengths)
         batch["labels"][len(real):] = IGNORE  # filler rows do not count in the loss
         batch["target_labels"][len(real):] = IGNORE

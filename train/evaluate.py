@@ -28,11 +28,11 @@ def _normalise(text: str) -> str:
 
 class Evaluator:
     def __init__(self, config: ModelConfig, layout: TextLayout, encoder: Encoder, records: list[dict], cfg,
-                 placement: Placement, image_size: int):
+                 placement: Placement, image_size: int, num_frames: int = 4):
         self.config = config
         self.layout, self.encoder, self.records = layout, encoder, records
         self.batch_size, self.max_new_tokens, self.image_size = cfg.eval_batch_size, cfg.max_new_tokens, image_size
-        self.placement = placement
+        self.placement, self.num_frames = placement, num_frames
         self.loss_step = make_eval_step(self.config, placement, self.batch_size, layout.prepend_queries)
         self.model: VisionLanguageModel | None = None
 
@@ -64,7 +64,7 @@ class Evaluator:
         loss_sum, tokens, seen = 0.0, 0, 0
         right, asked = collections.Counter(), collections.Counter()  # per record "kind" (if any)
         for batch, prompts, answers, real in eval_batches(self.records, self.encoder, self.batch_size,
-                                                          self.image_size):
+                                                          self.image_size, num_frames=self.num_frames):
             pixels = batch["pixel_values"]
             s, c = jax.device_get(self.loss_step(trainable, frozen, self._on_mesh(batch)))
             loss_sum, tokens = loss_sum + float(s), tokens + int(c)

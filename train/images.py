@@ -23,6 +23,11 @@ def load_rgb(path) -> Image.Image:
     return to_rgb(load_image(path))
 
 
+def as_rgb(frame) -> Image.Image:
+    """A decoded video frame (PIL image or uint8 array) as an RGB PIL image."""
+    return to_rgb(frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame)))
+
+
 def eval_transform(img: Image.Image, size: int) -> np.ndarray:
     return ImageProcessor(size).preprocess_one(img)
 

@@ -44,6 +44,12 @@ class TextLayout:
     max_input_len: int = 128       # LAVIS max_txt_len (instruction, incl. BOS / EOS)
     max_output_len: int = 256      # LAVIS max_output_txt_len (answer incl. EOS)
     max_qformer_len: int = 128
+    frames: int = 1                # video records: frames per clip, each with its own Q queries
+
+    @property
+    def num_placeholders(self) -> int:
+        """Query placeholders per row: Q for an image, frames * Q for a video."""
+        return self.num_queries * self.frames
 
     @property
     def prepend_queries(self) -> bool:
@@ -79,7 +85,7 @@ def qformer_tokens(instruction: Sequence[int], layout: TextLayout) -> list[int]:
 def encode_example(instruction: Sequence[int], answer: Sequence[int], layout: TextLayout,
                    qformer_instruction: Sequence[int] | None = None) -> dict[str, list[int]]:
     """One training example (unpadded lists). Token ids come without special tokens."""
-    queries = [] if layout.prepend_queries else [layout.image_token] * layout.num_queries
+    queries = [] if layout.prepend_queries else [layout.image_token] * layout.num_placeholders
     target = (list(answer) + [layout.eos])[: layout.max_output_len]
     if layout.encoder_decoder:
         prompt = _left(instruction, layout.max_input_len - 1) + [layout.eos]
@@ -99,7 +105,7 @@ def encode_example(instruction: Sequence[int], answer: Sequence[int], layout: Te
 def encode_prompt(instruction: Sequence[int], layout: TextLayout,
                   qformer_instruction: Sequence[int] | None = None) -> dict[str, list[int]]:
     """Generation inputs for one instruction (unpadded; pad with `collate_prompts`)."""
-    queries = [] if layout.prepend_queries else [layout.image_token] * layout.num_queries
+    queries = [] if layout.prepend_queries else [layout.image_token] * layout.num_placeholders
     if layout.encoder_decoder:
         prompt = _left(instruction, layout.max_input_len - 1) + [layout.eos]
     else:
@@ -187,7 +193,7 @@ def collate_prompts(prompts: list[dict], layout: TextLayout, length: int | None 
         left = not layout.encoder_decoder
         batch = dict(input_ids=_pad(ids, n, layout.pad, left), attention_mask=_mask(ids, n, left))
     else:  # [<image> x Q | PAD ... | BOS prompt]: the placeholders stay in front of the padding
-        q = layout.num_queries
+        q = layout.num_placeholders
         body = [r[q:] for r in ids]
         width = n - q
         batch = dict(input_ids=np.concatenate([np.full((len(ids), q), layout.image_token, np.int32),

@@ -7,6 +7,7 @@ it had never stopped). Logs one JSON object per line to `cfg.log_file`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from jblip.train import build
 from jblip.train import trainable as tr
 from jblip.train.checkpoint import Checkpointer
 from jblip.train.config import TrainConfig
-from jblip.train.data import BatchStream, Encoder, read_jsonl
+from jblip.train.data import BatchStream, DataError, Encoder, holds_videos, read_jsonl
 from jblip.train.evaluate import Evaluator
 from jblip.train.finite_steps import FiniteSteps
 from jblip.train.option_checks import writable_dir
@@ -121,6 +122,10 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     config, params = build.load_params(cfg, mesh)
     tokenizer, qformer_tokenizer = build.load_tokenizers(cfg, config)
     layout = build.text_layout(cfg, config, qformer_tokenizer)
+    if holds_videos(records):  # T * Q placeholders per row
+        if eval_records and not holds_videos(eval_records):
+            raise DataError(f"{cfg.train_data} holds videos but {cfg.eval_data} images; give held-out videos")
+        layout = dataclasses.replace(layout, frames=cfg.num_frames)
     image_size = cfg.image_size or config.vision.image_size
     encoder = Encoder(layout, tokenizer, qformer_tokenizer)
 
@@ -134,7 +139,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     if jax.process_count() > 1 and not any(placement.batch(cfg.batch_size).spec):
         raise ValueError(f"batch_size {cfg.batch_size} does not split over the mesh's data axes; with several "
                          "hosts each reads only its share, so the global batch must divide them")
-    stream = BatchStream(records, encoder, cfg.batch_size, image_size, seed=cfg.seed, train=cfg.augment,
+    stream = BatchStream(records, encoder, cfg.batch_size, image_size, seed=cfg.seed,
+                         train=cfg.augment and not holds_videos(records), num_frames=cfg.num_frames,
                          workers=cfg.data_threads, processes=cfg.data_processes)
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
     restored = checkpointer.restore_newest(placement.abstract_state(trainable)) if checkpointer else None
@@ -148,7 +154,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after: int | None = None) -> dict:
     micro = int(jax.device_get(state.step))
     evaluator = None
     if eval_records:
-        evaluator = Evaluator(config, layout, encoder, eval_records, cfg, placement, image_size)
+        evaluator = Evaluator(config, layout, encoder, eval_records, cfg, placement, image_size, cfg.num_frames)
 
     meta = dict(model=cfg.model, trainable=cfg.trainable, config=cfg.to_dict())
     log = JsonlLog(cfg.log_file)

@@ -39,7 +39,8 @@ def forward_loss(module: BlipModel, params, batch, prepend_queries: bool):
     if "target_positions" in batch:
         rows = batch["target_positions"]
         if not module.is_encoder_decoder:  # HF: logits cut to the label length, then shifted by one
-            offset = module.config.num_query_tokens if prepend_queries else 0
+            frames = inputs["pixel_values"].shape[1] if inputs["pixel_values"].ndim == 5 else 1  # videos: T*Q
+            offset = module.config.num_query_tokens * frames if prepend_queries else 0
             rows = jnp.maximum(offset + rows - 1, 0)
         logits = scored_logits(module, params, rows, inputs, prepend_queries)
         nll, valid = token_nll(logits, batch["target_labels"])

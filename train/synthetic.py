@@ -50,20 +50,21 @@ def _words(text: str) -> list[str]:
     return text.lower().replace("?", " ?").split()
 
 
-def vocabulary() -> list[str]:
+def vocabulary(extra_words: tuple[str, ...] = ()) -> list[str]:
+    """The demo's words; `extra_words` (new ones only) come last, so the demo's ids stay."""
     words = set()
     for phrasings in QUESTIONS.values():
         for q in phrasings:
             words.update(_words(q.replace("{shape}", "")))
     words.update(COLOURS, BACKGROUNDS, SHAPES, NUMBERS, ("left", "right"))
-    return list(SPECIALS) + sorted(words)
+    return list(SPECIALS) + sorted(words) + [w for w in extra_words if w not in words and w not in SPECIALS]
 
 
-def build_tokenizer():
+def build_tokenizer(extra_words: tuple[str, ...] = ()):
     """A `tokenizers.Tokenizer`: lower-cased words and '?' -> ids ("color" read as "colour");
     specials skipped on decode."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(vocabulary(extra_words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace("color", "colour")])
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -203,14 +204,14 @@ def write_split(directory: str, name: str, count: int, size: int, rng: np.random
     return path
 
 
-def write_tokenizers(directory: str) -> str:
+def write_tokenizers(directory: str, extra_words: tuple[str, ...] = ()) -> str:
     """The tokenizers as a HF processor saves them: tokenizer.json (the LM's: BOS `</s>` prepended,
     as LAVIS' Vicuna) + tokenizer_config.json, and qformer_tokenizer/ ([CLS] text [SEP]), so that
     the exported model works with `jblip generate` too (training encodes without special tokens)."""
     from tokenizers import processors
     os.makedirs(os.path.join(directory, "qformer_tokenizer"), exist_ok=True)
     ids = {t: i for i, t in enumerate(SPECIALS)}
-    lm_tok = build_tokenizer()
+    lm_tok = build_tokenizer(extra_words)
     lm_tok.post_processor = processors.TemplateProcessing(
         single="</s> $A", pair="</s> $A $B:1", special_tokens=[("</s>", ids["</s>"])])
     lm_tok.save(os.path.join(directory, "tokenizer.json"))
@@ -218,7 +219,7 @@ def write_tokenizers(directory: str) -> str:
               add_eos_token=False)
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump(lm, f, indent=1)
-    qformer = build_tokenizer()
+    qformer = build_tokenizer(extra_words)
     qformer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])

@@ -17,6 +17,9 @@ batch over a mesh spanning every process. Process i appends its records to
 have yet into OUT and removes the parts, so an interrupted run (any process)
 resumes from OUT plus the parts (with any process count), and every image ends
 in OUT exactly once.
+
+`--videos DIR_OR_GLOB --frames T` captions video files instead (T frames sampled from each, see
+`jblip.video_processing`); their records name the video in the same `image` field.
 """
 from __future__ import annotations
 
@@ -33,14 +36,20 @@ from jblip.commands.common import (add_decoding_arguments, add_model_arguments, 
 from jblip.image_batches import ImageBatches
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 DEFAULT_PROMPTS = {"instructblip": "A short image description:", "blip2": ""}  # LAVIS captioning prompts
 
 
 def add_arguments(parser):
     add_model_arguments(parser)
-    parser.add_argument("--images", required=True, metavar="DIR_OR_GLOB",
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", metavar="DIR_OR_GLOB",
                         help=f"a folder (searched recursively for {', '.join(IMAGE_EXTENSIONS)}) or a glob such as "
                              "'photos/**/*.jpg' (quote it)")
+    inputs.add_argument("--videos", metavar="DIR_OR_GLOB",
+                        help=f"videos instead: a folder (searched recursively for {', '.join(VIDEO_EXTENSIONS)}) "
+                             "or a glob")
+    parser.add_argument("--frames", type=int, default=4, help="frames sampled uniformly from each video (default 4)")
     parser.add_argument("--prompt", default=None,
                         help="instruction (default: 'A short image description:' for InstructBLIP, '' for BLIP-2)")
     parser.add_argument("--out", required=True, help="JSONL output; appended to, and resumed from, if it exists")
@@ -55,12 +64,12 @@ def add_arguments(parser):
     add_decoding_arguments(parser)
 
 
-def list_images(spec: str) -> list[str]:
+def list_images(spec: str, extensions=IMAGE_EXTENSIONS, what: str = "image") -> list[str]:
     if os.path.isdir(spec):
         found = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
-                 if name.lower().endswith(IMAGE_EXTENSIONS)]
+                 if name.lower().endswith(extensions)]
         if not found:
-            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {spec}")
+            raise FileNotFoundError(f"no {what} files ({', '.join(extensions)}) in {spec}")
     else:
         found = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
         if not found:
@@ -102,7 +111,10 @@ def run(args) -> int:
     from jblip.evaluation.hosts import Hosts
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    paths = list_images(args.images)
+    if args.videos is not None and args.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    paths = (list_images(args.images) if args.videos is None
+             else list_images(args.videos, VIDEO_EXTENSIONS, "video"))
     if args.distributed:
         import jax
         jax.distributed.initialize()
@@ -178,8 +190,9 @@ def _run(args, paths: list[str], out: ProcessOutputs, hosts) -> int:
     prompt = DEFAULT_PROMPTS[processor.config.model_type] if args.prompt is None else args.prompt
     options = decoding_options(args)
     # the same prompt for every image: its token ids are built once, for a full batch
+    frames = None if args.videos is None else args.frames
     text = processor.text_inputs(prompt, args.batch_size, options.pop("max_length"), options.pop("truncation"),
-                                 planned_new_tokens(options))
+                                 planned_new_tokens(options), frames=frames)
     progress = Progress(len(todo), len(paths) - len(todo))
     if not todo:
         if talk:
@@ -194,7 +207,8 @@ def _run(args, paths: list[str], out: ProcessOutputs, hosts) -> int:
     progress.start = time.perf_counter()
     rows = [_rows(batch, args.batch_size, hosts) for batch in batches]
     mine = [range(len(r))[hosts.share(len(r))] for r in rows]  # this process's rows of each batch
-    images = ImageBatches(processor.image_processor, [[r[i] for i in m] for r, m in zip(rows, mine)], args.workers)
+    images = ImageBatches(processor.video_processor if frames else processor.image_processor,
+                          [[r[i] for i in m] for r, m in zip(rows, mine)], args.workers, frames)
     try:
         for batch, batch_rows, my_rows, loaded in zip(batches, rows, mine, images):
             for r, (_, error) in zip(my_rows, loaded):
@@ -203,7 +217,7 @@ def _run(args, paths: list[str], out: ProcessOutputs, hosts) -> int:
                     print(f"caption: skipped {error}", file=sys.stderr)
             ok = hosts.gather(np.asarray([error is None for _, error in loaded], np.int32))
             if ok.any():
-                pixels = hosts.gather(np.stack([_blank(processor) if e else p for p, e in loaded]))
+                pixels = hosts.gather(np.stack([_blank(processor, frames) if e else p for p, e in loaded]))
                 captions = _caption(model, processor, text, sampler, seed, pixels, hosts)
                 good = [r for r in my_rows if r < len(batch) and ok[r]]
                 out.write((batch_rows[r], captions[r]) for r in good)
@@ -232,9 +246,10 @@ def _rows(batch: list[str], batch_size: int, hosts) -> list[str]:
     return batch + [batch[-1]] * (bucket(len(batch), batch_size, hosts.count) - len(batch))
 
 
-def _blank(processor) -> np.ndarray:
+def _blank(processor, frames: int | None) -> np.ndarray:
+    """Pixels of an unreadable row (its output is dropped): an image's, or a video's of `frames`."""
     size = processor.image_processor.image_size
-    return np.zeros((size, size, 3), np.float32)
+    return np.zeros(((frames,) if frames else ()) + (size, size, 3), np.float32)
 
 
 def _mesh(args, hosts):

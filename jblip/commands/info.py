@@ -86,7 +86,8 @@ def run(args) -> int:
     params = abstract_params(config)  # jax.eval_shape: shapes only, nothing allocated
     counts = {key: count_params(params.get(key, {})) for key, _ in TOWERS}
     total = count_params(params)
-    layout = "<image> placeholders" if config.image_token_index is not None else "queries prepended (legacy)"
+    token = "<video>" if config.video else "<image>"  # InstructBLIP-Video: T * Q `<video>` placeholders
+    layout = f"{token} placeholders" if config.image_token_index is not None else "queries prepended (legacy)"
     rows = [("model", f"{config.name} ({where})"), ("type", f"{config.model_type}, {layout}"),
             ("family", config.family)]
     for (key, _), (label, text) in zip(TOWERS, describe(config)):
