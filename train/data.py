@@ -53,14 +53,14 @@ def _problem(rec, root: str) -> str | None:
     if not isinstance(image, str) or not image:
         return f"\"{key}\" must be a path string, got {image!r}"
     if all(k in rec for k in ID_KEYS):
-        for key in (*ID_KEYS, "qformer_ids"):
-            ids = rec.get(key, [])
+        for name in (*ID_KEYS, "qformer_ids"):
+            ids = rec.get(name, [])
             if not (isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids)):
-                return f"\"{key}\" must be a list of token ids (non-negative integers)"
+                return f"\"{name}\" must be a list of token ids (non-negative integers)"
     elif all(k in rec for k in TEXT_KEYS):
-        for key in TEXT_KEYS:
-            if not isinstance(rec[key], str):
-                return f"\"{key}\" must be a string, got {rec[key]!r}"
+        for name in TEXT_KEYS:
+            if not isinstance(rec[name], str):
+                return f"\"{name}\" must be a string, got {rec[name]!r}"
     else:
         return "a record needs \"text_input\" and \"text_output\" (or token ids \"input_ids\" and \"output_ids\")"
     found = os.path.isfile if key == "image" else os.path.exists  # a video may be a folder of frames
