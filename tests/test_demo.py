@@ -63,6 +63,7 @@ def test_demo_model_answers_held_out_questions():
     assert min(per_kind.values()) >= 0.8, per_kind
 
 
+@pytest.mark.slow
 def test_examples_through_the_cli(capsys, private_xla_cache):
     rows = example_rows()
     assert len(rows) >= 4
