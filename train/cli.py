@@ -176,7 +176,8 @@ def run(args) -> int:
     enable_compilation_cache()  # a resumed run compiles nothing it compiled before
     if args.recipe == "retrieval-demo":
         from jblip.train import retrieval_demo
-        return retrieval_demo.run(args.export or args.output or "jblip-retrieval-demo", args.steps)
+        base = os.path.abspath(args.output or "jblip-retrieval-demo")
+        return retrieval_demo.run(args.export or base, args.steps, os.path.join(base, "checkpoints"))
     d = build_config(args)
     if args.recipe == "demo" and not d.get("train_data"):
         _demo_inputs(d, args.output or "jblip-demo")

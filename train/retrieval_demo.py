@@ -26,8 +26,10 @@ from jblip.retrieval.model import RetrievalModel, init_params, itc_similarity
 from jblip.retrieval.metrics import retrieval_metrics
 from jblip.text_processing import TextTokenizer
 from jblip.train import synthetic, trainable
+from jblip.train.checkpoint import Checkpointer
 from jblip.train.optim import OptimConfig, make_optimizer
 from jblip.train.retrieval_losses import stage1_losses
+from jblip.train.state import TrainState
 
 SIDES = ("left", "right")
 BOS = "</s>"  # the demo vocabulary has no [DEC]; its `</s>` is the decoder's start token
@@ -128,7 +130,13 @@ def evaluate(module, params, processor, tokenizer, size, seed, width, k_test: in
     return out
 
 
-def train(out_dir: str, steps: int | None = None, log=print) -> dict:
+def train(out_dir: str, steps: int | None = None, log=print, checkpoint_dir: str | None = None,
+          checkpoint_every: int = 100, stop_after: int | None = None) -> dict:
+    """Train the demo retrieval model and write it to `out_dir`. With `checkpoint_dir`, params and
+    optimizer state are saved every `checkpoint_every` steps (orbax, as `jblip train` does) and a
+    rerun resumes from the newest one: each step's batch and key depend only on the seed and the
+    step, so a resumed run ends as an uninterrupted one. `stop_after`: return after that many
+    steps of this call (a test's stand-in for a kill)."""
     r = dict(RECIPE)
     steps = steps or r["steps"]
     optim = OptimConfig(**{**r["optim"], "total_steps": steps})
@@ -154,17 +162,34 @@ def train(out_dir: str, steps: int | None = None, log=print) -> dict:
         updates, opt_state = tx.update(grads, opt_state, train_params)
         return jax.tree_util.tree_map(lambda p, u: p + u, train_params, updates), opt_state, out
 
-    rng, key = np.random.default_rng(r["seed"]), jax.random.key(r["seed"])
+    key, first = jax.random.key(r["seed"]), 0
+    checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir else None
+    if checkpointer is not None:
+        state = TrainState(jnp.zeros((), jnp.int32), train_params, opt_state)
+        restored = checkpointer.restore_newest(jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+        if restored is not None:
+            state, _, _, first = restored
+            train_params, opt_state = state.params, state.opt_state
+            log(f"resumed from the checkpoint of step {first} in {checkpoint_dir}")
     start = time.perf_counter()
-    for i in range(steps):
-        images, texts, picks = random_batch(r["batch_size"], r["size"], rng)
-        ids, mask = encode(tokenizer, texts, r["text_length"])
-        key, sub = jax.random.split(key)
-        train_params, opt_state, out = step(train_params, opt_state, processor(images), ids, mask,
-                                            jnp.asarray(picks), sub)
-        if i % 100 == 0 or i == steps - 1:
-            log(json.dumps({"step": i, **{k: round(float(v), 4) for k, v in out.items()},
-                            "seconds": round(time.perf_counter() - start, 1)}))
+    try:
+        for i in range(first, steps):
+            images, texts, picks = random_batch(r["batch_size"], r["size"], np.random.default_rng([r["seed"], i]))
+            ids, mask = encode(tokenizer, texts, r["text_length"])
+            train_params, opt_state, out = step(train_params, opt_state, processor(images), ids, mask,
+                                                jnp.asarray(picks), jax.random.fold_in(key, i))
+            if i % 100 == 0 or i == steps - 1:
+                log(json.dumps({"step": i, **{k: round(float(v), 4) for k, v in out.items()},
+                                "seconds": round(time.perf_counter() - start, 1)}))
+            done = i + 1
+            if checkpointer is not None and (done % checkpoint_every == 0 or done == steps):
+                checkpointer.save(done, TrainState(jnp.asarray(done, jnp.int32), train_params, opt_state), {})
+            if stop_after is not None and done - first >= stop_after and done < steps:
+                return {"stopped": done}
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
     params = trainable.merge(train_params, frozen)
     metrics = evaluate(module, params, processor, tokenizer, r["size"], r["eval_seed"], r["text_length"])
     log(json.dumps({"eval": {k: round(v, 2) for k, v in metrics.items()}}))
@@ -182,9 +207,11 @@ def save(config, params, out_dir: str):
     shutil.copytree(os.path.join(_demo_dir(), "qformer_tokenizer"), tokdir, dirs_exist_ok=True)
 
 
-def run(out_dir: str, steps: int | None = None) -> int:
-    """`jblip train --recipe retrieval-demo --output DIR [--steps N]`: the model goes to DIR (or --export)."""
-    metrics = train(out_dir, steps, log=lambda line: print(line, file=sys.stderr, flush=True))
+def run(out_dir: str, steps: int | None = None, checkpoint_dir: str | None = None) -> int:
+    """`jblip train --recipe retrieval-demo --output DIR [--steps N]`: the model goes to DIR (or
+    --export), checkpoints to DIR/checkpoints (a rerun resumes)."""
+    metrics = train(out_dir, steps, log=lambda line: print(line, file=sys.stderr, flush=True),
+                    checkpoint_dir=checkpoint_dir)
     print(json.dumps({k: round(v, 2) for k, v in metrics.items()}))
     return 0
 
