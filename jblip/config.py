@@ -298,8 +298,8 @@ def _t5_activation(text: dict) -> tuple[str, bool]:
     return act, text.get("is_gated_act", gated)
 
 
-def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> ModelConfig:
-    """Build a ModelConfig from a HF InstructBLIP/BLIP-2 config (dict, file or directory)."""
+def read_config_json(cfg: dict | str | os.PathLike) -> dict:
+    """A HF config as a dict: given as one, or read (bounded) from a config.json or its folder."""
     if not isinstance(cfg, dict):
         path = os.fspath(cfg)
         if os.path.isdir(path):
@@ -313,6 +313,12 @@ def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> Model
                 raise ConfigError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"a config.json must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def from_hf_config(cfg: dict | str | os.PathLike, name: str = "custom") -> ModelConfig:
+    """Build a ModelConfig from a HF InstructBLIP/BLIP-2 config (dict, file or directory)."""
+    cfg = read_config_json(cfg)
     model_type = str(cfg.get("model_type", "")).lower()
     if model_type not in ("instructblip", "instructblipvideo", "blip-2", "blip_2", "blip2"):
         raise ConfigError(f"unknown model family {model_type!r}: expected an InstructBLIP(-Video) or BLIP-2 config.json")

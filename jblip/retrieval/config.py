@@ -10,12 +10,10 @@ checkpoints carry neither, so loading one leaves them at their initial values.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field, replace
 
-from jblip import bounded_json
 from jblip.config import (_QFORMER_KEYS, _VISION_KEYS, DEMO_VISION, TINY_VISION, ConfigError, Precision,
-                          QFormerConfig, VisionConfig, _from_dict, _pick)
+                          QFormerConfig, VisionConfig, _from_dict, _pick, read_config_json)
 from jblip.config_checks import checked_fields, divides
 
 
@@ -62,21 +60,7 @@ def is_retrieval_config(cfg: dict) -> bool:
 
 
 def _read(cfg) -> dict:
-    if isinstance(cfg, dict):
-        return cfg
-    path = os.fspath(cfg)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"no config.json at {path}")
-    with open(path) as f:
-        try:
-            out = bounded_json.load(f, path)
-        except ValueError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(out, dict):
-        raise ConfigError(f"a config.json must hold a JSON object, got {type(out).__name__}")
-    return out
+    return read_config_json(cfg)
 
 
 def _section(cfg: dict, key: str) -> dict:
