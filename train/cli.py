@@ -130,19 +130,25 @@ def _sizes(d: dict, key: str, defaults: dict) -> dict:
     return {**defaults, **given}
 
 
+def _generated_data(d: dict, output: str, what: str, write) -> str:
+    """A recipe's generated data in `<output>/data` (written once, atomically), named in `d` as the
+    train/eval data and tokenizer, with `<output>/checkpoints` as the default checkpoint folder."""
+    base = os.path.abspath(output)
+    data_dir = os.path.join(base, "data")
+    _write_once(data_dir, what, write, os.path.join("tokenizer", "tokenizer.json"))
+    d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
+             tokenizer=os.path.join(data_dir, "tokenizer"))
+    d.setdefault("checkpoint_dir", os.path.join(base, "checkpoints"))
+    return data_dir
+
+
 def _demo_inputs(d: dict, output: str) -> None:
     """The demo recipe's generated data and stage-1 model (each written once, atomically) and
     its default checkpoint folder, so an interrupted demo run resumes."""
     from jblip.train.synthetic import DEMO_DATA, make_dataset
     data = {**DEMO_DATA, **_sizes(d, "demo_data", {"train": DEMO_DATA["train"], "eval": DEMO_DATA["eval"]})}
     vision = _sizes(d, "demo_vision_pretrain", {"steps": 800, "scenes": 5000})
-    base = os.path.abspath(output)
-    data_dir = os.path.join(base, "data")
-    _write_once(data_dir, "the synthetic shapes dataset", lambda folder: make_dataset(folder, **data),
-                os.path.join("tokenizer", "tokenizer.json"))
-    d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
-             tokenizer=os.path.join(data_dir, "tokenizer"))
-    d.setdefault("checkpoint_dir", os.path.join(base, "checkpoints"))
+    data_dir = _generated_data(d, output, "the synthetic shapes dataset", lambda folder: make_dataset(folder, **data))
     if d.get("model") in PRESETS:  # stage 1: the ViT alone (train/vision_pretrain.py), then everything
         from jblip.train.vision_pretrain import initial_model
         start = os.path.join(data_dir, "initial_model")
@@ -157,13 +163,8 @@ def _video_demo_inputs(d: dict, output: str) -> None:
     """The video demo's generated clips and its starting model (the image demo, vocabulary grown)."""
     from jblip.pipeline import DEFAULT_MODEL
     from jblip.train.video_demo import VIDEO_DEMO_DATA, make_video_dataset, start_model
-    base = os.path.abspath(output)
-    data_dir = os.path.join(base, "data")
-    _write_once(data_dir, "the moving-circle clips", lambda folder: make_video_dataset(folder, **VIDEO_DEMO_DATA),
-                os.path.join("tokenizer", "tokenizer.json"))
-    d.update(train_data=os.path.join(data_dir, "train.jsonl"), eval_data=os.path.join(data_dir, "eval.jsonl"),
-             tokenizer=os.path.join(data_dir, "tokenizer"))
-    d.setdefault("checkpoint_dir", os.path.join(base, "checkpoints"))
+    data_dir = _generated_data(d, output, "the moving-circle clips",
+                               lambda folder: make_video_dataset(folder, **VIDEO_DEMO_DATA))
     if not d.get("model"):
         start = os.path.join(data_dir, "start_model")
         _write_once(start, "the starting model (the image demo, vocabulary grown)",
