@@ -1,5 +1,6 @@
-"""What `jblip index` and `jblip search` share: the retrieval model to load (default: the bundled
-demo retrieval model) and image decoding that reports instead of stopping."""
+"""What `jblip index`, `jblip search` and `jblip serve --index` share: the retrieval model to load
+(default: the bundled demo retrieval model), an index opened for search, and image decoding that
+reports instead of stopping."""
 from __future__ import annotations
 
 import os
@@ -26,6 +27,15 @@ def load_engine(path: str | None, batch_size: int = 16):
         raise FileNotFoundError(f"no retrieval checkpoint folder at {path}")
     enable_compilation_cache()
     return RetrievalEngine.from_pretrained(path, batch_size=batch_size)
+
+
+def open_index(directory: str, model: str | None = None, batch_size: int = 16):
+    """An `IndexSearch` over the index in `directory`, with `model` or else the model the index
+    was built with (recorded in its index.json; the bundled demo when none is recorded)."""
+    from jblip.retrieval.index_search import IndexSearch
+    from jblip.retrieval.index_store import read_index
+    meta, paths, emb = read_index(directory)
+    return IndexSearch(load_engine(model or meta.get("model"), batch_size), meta, paths, emb, directory)
 
 
 def load_pixels(engine, path: str):

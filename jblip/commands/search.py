@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from jblip.commands.retrieval_common import add_retrieval_model_argument, load_engine, load_pixels
+from jblip.commands.retrieval_common import add_retrieval_model_argument, load_engine, load_pixels, open_index
 
 
 def add_arguments(parser):
@@ -66,15 +66,9 @@ def run(args) -> int:
 
 
 def _text_to_image(args) -> int:
-    from jblip.retrieval.index_store import read_index
-    meta, paths, emb = read_index(args.index)
-    engine = load_engine(args.model or meta.get("model"), args.batch_size)
-    if (meta.get("num_query_tokens"), meta.get("embed_dim")) != (engine.config.num_query_tokens, engine.config.embed_dim):
-        raise ValueError(f"{args.index} was built with another model ({meta.get('model')})")
-    if not paths:
-        raise ValueError(f"{args.index} is empty")
-    text = engine.text_embeddings([args.text])[0]
-    itc = np.einsum("nqe,e->nq", np.asarray(emb, np.float32), text).max(axis=1)
+    search = open_index(args.index, args.model, args.batch_size)
+    engine, paths = search.engine, search.paths
+    itc = search.itc(args.text)
     scores = {}
     if args.rerank:
         top = [int(i) for i in np.argsort(-itc, kind="stable")[:args.rerank]]
