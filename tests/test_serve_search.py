@@ -52,9 +52,16 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def server(scene_index, model):
+def index_search(scene_index):
+    search = open_index(str(scene_index[1]))
+    search.warm_up()  # as `jblip serve --index` does
+    return search
+
+
+@pytest.fixture(scope="module")
+def server(index_search, model):
     app = build_app(model, Processor.from_pretrained(DEFAULT_MODEL), ServerSettings(model_name="demo"),
-                    search=open_index(str(scene_index[1])))
+                    search=index_search)
     with BackgroundServer(app) as s:
         yield s
 
@@ -138,12 +145,15 @@ def test_a_body_that_is_not_json_is_400(server, scene_index):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def test_concurrent_searches_equal_sequential_ones(server, scene_index):
+def test_concurrent_searches_equal_sequential_ones_and_never_compile(server, index_search):
+    compiled = index_search.engine._fn("text")._cache_size()
     queries = [f"{c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle")]
+    queries += [f"{q} on the left in the white background " * k for k, q in enumerate(queries[:3], 1)]  # longer
     ask = lambda q: [(h["id"], h["score"]) for h in search(server, {"query": q, "top_k": 5})["data"]]  # noqa: E731
     sequential = [ask(q) for q in queries]
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         assert list(pool.map(ask, queries * 2)) == sequential * 2
+    assert index_search.engine._fn("text")._cache_size() == compiled  # warm_up compiled every length
 
 
 def test_without_an_index_search_is_404_and_the_page_is_told(model, tmp_path):

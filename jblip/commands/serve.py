@@ -82,6 +82,7 @@ def run(args) -> int:
     if args.index:  # before the model: a wrong index fails in seconds
         from jblip.commands.retrieval_common import open_index
         search = open_index(args.index, args.retrieval_model)
+        search.warm_up()
         print(f"jblip serve: searching {len(search)} images of {args.index} with {search.engine.path}", file=sys.stderr)
     print(f"jblip serve: loading {path}", file=sys.stderr)
     model = load_pretrained(path, precision=args.precision, mesh=mesh, quantize=args.quantize)

@@ -11,6 +11,8 @@ import threading
 
 import numpy as np
 
+from jblip.retrieval.engine import TEXT_BUCKET
+
 CHUNK_ROWS = 4096  # index rows converted to float32 at a time, so memory stays bounded for any index
 
 
@@ -25,6 +27,14 @@ class IndexSearch:
             raise ValueError(f"{directory} is empty")
         self.engine, self.meta, self.paths, self.embeddings = engine, meta, paths, embeddings
         self._lock = threading.Lock()
+
+    def warm_up(self):
+        """Compiles the query embedding for every text-length bucket, so that no search waits for XLA."""
+        top = self.engine.max_text_length
+        with self._lock:
+            for width in sorted({min(w, top) for w in range(TEXT_BUCKET, top + TEXT_BUCKET, TEXT_BUCKET)}):
+                ones = np.ones((1, width), np.int32)
+                self.engine.text_embeddings_ids(ones, ones)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -20,6 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from jblip.serve.errors import APIError, invalid
 
@@ -37,7 +38,7 @@ class SearchRequest(BaseModel):
     @classmethod
     def _not_blank(cls, query: str) -> str:
         if not query.strip():
-            raise ValueError("the query is blank")
+            raise PydanticCustomError("blank", "the query is blank")  # no "Value error, " before it
         return query
 
 
