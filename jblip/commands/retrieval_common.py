@@ -17,7 +17,7 @@ def add_retrieval_model_argument(parser):
     parser.add_argument("--batch-size", type=int, default=16)
 
 
-def load_engine(path: str | None, batch_size: int = 16):
+def load_engine(path: str | None, batch_size: int = 16, **options):
     from jblip.commands.common import enable_compilation_cache
     from jblip.retrieval.engine import RetrievalEngine
     if batch_size < 1:
@@ -26,7 +26,7 @@ def load_engine(path: str | None, batch_size: int = 16):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no retrieval checkpoint folder at {path}")
     enable_compilation_cache()
-    return RetrievalEngine.from_pretrained(path, batch_size=batch_size)
+    return RetrievalEngine.from_pretrained(path, batch_size=batch_size, **options)  # precision, mesh, ...
 
 
 def open_index(directory: str, model: str | None = None, batch_size: int = 16):
