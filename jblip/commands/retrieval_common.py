@@ -1,6 +1,5 @@
-"""What `jblip index`, `jblip search` and `jblip serve --index` share: the retrieval model to load
-(default: the bundled demo retrieval model), an index opened for search, and image decoding that
-reports instead of stopping."""
+"""What `jblip index`, `jblip search`, `jblip serve --index` and the retrieval tasks of `jblip eval` share:
+the retrieval model to load (default: the bundled demo retrieval model) and an index opened for search."""
 from __future__ import annotations
 
 import os
@@ -36,13 +35,3 @@ def open_index(directory: str, model: str | None = None, batch_size: int = 16):
     from jblip.retrieval.index_store import read_index
     meta, paths, emb = read_index(directory)
     return IndexSearch(load_engine(model or meta.get("model"), batch_size), meta, paths, emb, directory)
-
-
-def load_pixels(engine, path: str):
-    """(pixels [S, S, 3], None) or (None, reason)."""
-    try:
-        return engine.image_processor.preprocess_one(path, path), None
-    except (ValueError, OSError) as e:
-        return None, str(e)
-    except Exception as e:  # an unexpected decoder failure must not stop a long run
-        return None, f"cannot read image {path}: {type(e).__name__}: {e}"

@@ -15,7 +15,8 @@ import sys
 
 import numpy as np
 
-from jblip.commands.retrieval_common import add_retrieval_model_argument, load_engine, load_pixels, open_index
+from jblip.commands.retrieval_common import add_retrieval_model_argument, load_engine, open_index
+from jblip.image_batches import load_or_error
 
 
 def add_arguments(parser):
@@ -72,7 +73,7 @@ def _text_to_image(args) -> int:
     scores = {}
     if args.rerank:
         top = [int(i) for i in np.argsort(-itc, kind="stable")[:args.rerank]]
-        loaded = [(i, load_pixels(engine, paths[i])) for i in top]
+        loaded = [(i, load_or_error(engine.image_processor, paths[i])) for i in top]
         for i, (_, error) in loaded:
             if error is not None:
                 print(f"search: cannot re-rank {error}", file=sys.stderr)
@@ -92,7 +93,7 @@ def _image_to_text(args) -> int:
     if not os.path.isfile(args.image):
         raise FileNotFoundError(f"no image file {args.image}")
     engine = load_engine(args.model, args.batch_size)
-    pixels, error = load_pixels(engine, args.image)
+    pixels, error = load_or_error(engine.image_processor, args.image)
     if error is not None:
         raise ValueError(error)
     itc = engine.itc_scores(pixels[None], captions)[0]
