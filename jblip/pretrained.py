@@ -332,7 +332,8 @@ def resolve_path(path_or_id: str) -> str:
 def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
                     progress: Callable[[int, int, str], None] | None = None,
                     mesh=None, rules=None, quantize: str | None = None,
-                    quantize_towers: tuple[str, ...] = ("llm",), group_size: int = 128) -> VisionLanguageModel:
+                    quantize_towers: tuple[str, ...] = ("llm",), group_size: int = 128,
+                    layer_loop: str | None = None) -> VisionLanguageModel:
     """Load a HF-format InstructBLIP / BLIP-2 checkpoint directory (or hub id).
 
     With a `mesh` (`jblip.sharding.make_mesh`), each tensor goes straight from the
@@ -346,6 +347,10 @@ def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
     `quantize_towers` ("llm", "vision"), applied as each tensor is read, so the float model
     is never held whole (`jblip.quantization`; int4 in groups of `group_size` along the
     contracted axis). Activations stay in the precision's compute dtype.
+
+    `layer_loop` ("scan" or "unrolled", `jblip.scan.LAYER_LOOPS`): how the decode loop walks
+    the LLM's layers; default: "unrolled" on CPU (a faster step, a longer first compile),
+    "scan" elsewhere.
     """
     from jblip.convert.load import load_params
     from jblip.quantization import Quantization
@@ -353,6 +358,6 @@ def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
     path = resolve_path(path_or_id)
     quantization = Quantization.parse(quantize, group_size, quantize_towers)
     config, params = load_params(path, precision, mesh, rules, progress=progress, quantization=quantization)
-    return VisionLanguageModel(config, params, path, mesh=mesh, rules=rules)
+    return VisionLanguageModel(config, params, path, mesh=mesh, rules=rules, layer_loop=layer_loop)
 
 
