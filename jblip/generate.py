@@ -19,6 +19,7 @@ from jblip.language_model import LMState, reorder, repeat
 from jblip.model import BlipModel
 from jblip.processors import argmax, is_eos, process
 from jblip.sampling import RowSampler, StaticSampler
+from jblip.scan import unstack_params
 
 BIG_NEG = -1.0e9
 
@@ -220,9 +221,20 @@ def _mask_after_eos(tokens, lengths, pad):
     return jnp.where(jnp.arange(tokens.shape[-1])[None, :] < lengths[:, None], tokens, pad)
 
 
+def _loop_model(module: BlipModel, params, layer_loop: str):
+    """The module and params the decode loop runs: with "unrolled" (CPU programs, see
+    `jblip.scan.LAYER_LOOPS`) the language model's stacks are split into per-layer buffers once,
+    here, before the loop, so no step copies a weight slice out of a stack."""
+    if layer_loop == "scan":
+        return module, params
+    return module.clone(layer_loop=layer_loop), dict(params, llm=unstack_params(params["llm"]))
+
+
 def generate(module: BlipModel, params, static: StaticSampler, rows: RowSampler, pixel_values, input_ids,
-             attention_mask, qformer_ids=None, qformer_mask=None, prepend_queries: bool = False) -> GenerateOutput:
-    """Decode on device. Call through `jax.jit` with `module`, `static`, `prepend_queries` static;
+             attention_mask, qformer_ids=None, qformer_mask=None, prepend_queries: bool = False,
+             layer_loop: str = "scan") -> GenerateOutput:
+    """Decode on device. Call through `jax.jit` with `module`, `static`, `prepend_queries` and
+    `layer_loop` (`jblip.scan.LAYER_LOOPS`, from the platform the program runs on) static;
     `rows` (one value per input row, from `jblip.sampling.split`) is traced, so new knob values
     reuse the compiled program."""
     batch = input_ids.shape[0]
@@ -237,6 +249,7 @@ def generate(module: BlipModel, params, static: StaticSampler, rows: RowSampler,
                                 method=BlipModel.merge_queries)
     logits, lm = start(module, params, embeds, mask, G, dtype)
     history, valid = prompt_history(module, params, input_ids, attention_mask)
+    module, params = _loop_model(module, params, layer_loop)
 
     if static.strategy == "beam":
         K, n = static.num_beams, static.num_return_sequences

@@ -108,12 +108,14 @@ class LlamaModel(DecoderOnlyLM):
     param_dtype: Dtype = jnp.float32
     quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"  # named policy, see jblip.scan
+    layer_loop: str = "scan"  # "unrolled": per-layer param buffers (jblip.scan.LAYER_LOOPS)
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = Embed(c.vocab_rows, c.hidden_size, ("vocab", "embed"), **kw)
         broadcast = (nn.broadcast,) * 4  # cos, sin, bias, slot: the same for every layer
-        self.layers = stack(LlamaBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat)(c, quant=self.quant, **kw)
+        self.layers = stack(LlamaBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat,
+                            unrolled=self.layer_loop == "unrolled")(c, quant=self.quant, **kw)
         self.norm = LayerNorm(eps=c.rms_norm_eps, rms=True, use_bias=False, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = LMHead(c.hidden_size, c.vocab_rows, quant=self.quant, **kw)

@@ -107,6 +107,7 @@ class OPTModel(DecoderOnlyLM):
     param_dtype: Dtype = jnp.float32
     quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"  # named policy, see jblip.scan
+    layer_loop: str = "scan"  # "unrolled": per-layer param buffers (jblip.scan.LAYER_LOOPS)
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -121,7 +122,8 @@ class OPTModel(DecoderOnlyLM):
             self.project_out = Linear((c.hidden_size,), (c.word_embed_proj_dim,), ("embed", "embed"),
                                       use_bias=False, quant=self.quant, **kw)
         broadcast = (nn.broadcast,) * 2  # bias, slot: the same for every layer
-        self.layers = stack(OPTBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat)(c, quant=self.quant, **kw)
+        self.layers = stack(OPTBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat,
+                            unrolled=self.layer_loop == "unrolled")(c, quant=self.quant, **kw)
         # HF (and metaseq) have a final norm only in the pre-LN variant.
         if c.do_layer_norm_before:
             self.final_layer_norm = LayerNorm(eps=c.layer_norm_eps, **kw)

@@ -208,13 +208,15 @@ class T5Decoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"
+    layer_loop: str = "scan"  # "unrolled": per-layer param buffers (jblip.scan.LAYER_LOOPS)
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # HF keeps this table in block 0; every layer uses it, so it is computed once, out of the scan
         self.relative_attention_bias = RelativePositionBias(c, bidirectional=False, param_dtype=self.param_dtype)
         in_axes = (0, 0) + (nn.broadcast,) * 4  # layer, cross | enc_out, self_bias, cross_bias, slot
-        self.layers = stack(T5DecoderLayer, c.num_decoder_layers, in_axes=in_axes, remat=self.remat)(c, quant=self.quant, **kw)
+        self.layers = stack(T5DecoderLayer, c.num_decoder_layers, in_axes=in_axes, remat=self.remat,
+                            unrolled=self.layer_loop == "unrolled")(c, quant=self.quant, **kw)
         self.final_norm = _norm(c, **kw)
 
     def __call__(self, x, enc_mask, cache, slot, enc_out=None, cross=None):
@@ -240,6 +242,7 @@ class T5Model(LanguageModel):
     param_dtype: Dtype = jnp.float32
     quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"  # named policy, see jblip.scan
+    layer_loop: str = "scan"  # of the decoder stack: jblip.scan.LAYER_LOOPS
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -247,7 +250,7 @@ class T5Model(LanguageModel):
             raise ValueError("T5 activations overflow float16; use float32 or bfloat16")
         self.shared = Embed(c.vocab_rows, c.d_model, ("vocab", "embed"), **kw)
         self.encoder = T5Encoder(c, remat=self.remat, quant=self.quant, **kw)
-        self.decoder = T5Decoder(c, remat=self.remat, quant=self.quant, **kw)
+        self.decoder = T5Decoder(c, remat=self.remat, layer_loop=self.layer_loop, quant=self.quant, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = LMHead(c.d_model, c.vocab_rows, quant=self.quant, **kw)
 
