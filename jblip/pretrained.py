@@ -15,6 +15,7 @@ from jblip import families, sharding
 from jblip.config import ModelConfig, Precision
 from jblip.generate import GenerateOutput
 from jblip.generate import generate as generate_tokens
+from jblip.layer_buffers import layer_views
 from jblip.model import BlipModel, abstract_params
 from jblip.sampling import SamplerConfig, bucket, longest_output, split
 from jblip.scan import LAYER_LOOPS, layer_loop_for
@@ -83,11 +84,29 @@ class VisionLanguageModel:
             self.param_shardings = sharding.param_shardings(boxed, mesh, self.rules)
             params = jax.tree_util.tree_map(_placed, params, self.param_shardings, nn.unbox(boxed))
         self.config = config
-        self.params = params
+        self.params = params  # (the setter also drops buffers derived from the old params)
         self.module = BlipModel(config)
         self.path = path
         self.layer_loop = layer_loop or layer_loop_for(self.platform)
         self._entries = {}
+
+    @property
+    def params(self):
+        return self._params
+
+    @params.setter
+    def params(self, params):
+        self._params = params
+        self._loop_llm = None
+
+    def _decode_llm_params(self):
+        """The LM params the decode loop reads, for CPU programs: per-layer buffers aliasing the
+        stacks (`jblip.layer_buffers`), made once. None elsewhere (the program uses the stacks)."""
+        if self.layer_loop != "unrolled" or self.platform != "cpu":
+            return None
+        if self._loop_llm is None:
+            self._loop_llm = layer_views(self.params["llm"])
+        return self._loop_llm
 
     def __repr__(self):
         return f"VisionLanguageModel({self.config.name!r}, family={self.config.family}, type={self.config.model_type})"
@@ -220,9 +239,9 @@ class VisionLanguageModel:
     def _generate_jit(self):
         layer_loop = self.layer_loop
 
-        def run(params, static, rows, prepend_queries, **inputs):
+        def run(params, loop_llm, static, rows, prepend_queries, **inputs):
             return generate_tokens(self.module, params, static, rows, prepend_queries=prepend_queries,
-                                   layer_loop=layer_loop, **inputs)
+                                   layer_loop=layer_loop, loop_llm=loop_llm, **inputs)
         return jax.jit(run, static_argnames=("static", "prepend_queries"))
 
     def generate(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
@@ -255,7 +274,7 @@ class VisionLanguageModel:
                                         attention_mask=np.asarray(mask, np.int32), qformer_ids=q_ids,
                                         qformer_mask=q_mask))
         with self.sharding_context():
-            out = self._generate_jit(self.params, static, rows, prepend, **inputs)
+            out = self._generate_jit(self.params, self._decode_llm_params(), static, rows, prepend, **inputs)
         width = longest_output(cfg)  # the program's output is as wide as its bucketed cap
         return out if width == out.tokens.shape[1] else out._replace(tokens=out.tokens[:, :width])
 
