@@ -222,10 +222,10 @@ def _mask_after_eos(tokens, lengths, pad):
 
 
 def _loop_model(module: BlipModel, params, layer_loop: str, loop_llm=None):
-    """The module and params the decode loop runs: with "unrolled" (CPU programs, see
-    `jblip.scan.LAYER_LOOPS`) the language model's params as per-layer buffers, so no step
-    copies a weight slice out of a stack: `loop_llm` when the caller has them
-    (`jblip.layer_buffers`), else split once here, before the loop."""
+    """The module and params the language model runs with (prefill and decode loop): with
+    "unrolled" (CPU programs, see `jblip.scan.LAYER_LOOPS`) its params as per-layer buffers, so
+    no step copies a weight slice out of a stack: `loop_llm` when the caller has them
+    (`jblip.layer_buffers`), else split once here, before the prefill."""
     if layer_loop == "scan":
         return module, params
     llm = loop_llm if loop_llm is not None else unstack_params(params["llm"])
@@ -250,9 +250,9 @@ def generate(module: BlipModel, params, static: StaticSampler, rows: RowSampler,
     queries = module.apply({"params": params}, pixel_values, qformer_ids, qformer_mask, method=BlipModel.encode_image)
     embeds, mask = module.apply({"params": params}, queries, input_ids, attention_mask, prepend_queries,
                                 method=BlipModel.merge_queries)
+    module, params = _loop_model(module, params, layer_loop, loop_llm)
     logits, lm = start(module, params, embeds, mask, G, dtype)
     history, valid = prompt_history(module, params, input_ids, attention_mask)
-    module, params = _loop_model(module, params, layer_loop, loop_llm)
 
     if static.strategy == "beam":
         K, n = static.num_beams, static.num_return_sequences

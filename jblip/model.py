@@ -37,7 +37,7 @@ class BlipModel(nn.Module):
     (training), not part of the architecture."""
     config: ModelConfig
     remat: str = "none"
-    layer_loop: str = "scan"  # the language model's (decoder) stack: jblip.scan.LAYER_LOOPS
+    layer_loop: str = "scan"  # the language model's stacks: jblip.scan.LAYER_LOOPS
 
     def setup(self):
         c, p = self.config, self.config.precision

@@ -188,6 +188,7 @@ class T5Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"
+    layer_loop: str = "scan"  # "unrolled": per-layer param buffers (jblip.scan.LAYER_LOOPS)
 
     @nn.compact
     def __call__(self, embeds, mask):
@@ -197,7 +198,8 @@ class T5Encoder(nn.Module):
         bias = RelativePositionBias(c, bidirectional=True, param_dtype=self.param_dtype,
                                     name="relative_attention_bias")(positions, positions)
         bias = bias + key_padding_bias(mask)
-        layers = stack(T5EncoderLayer, c.num_layers, in_axes=(nn.broadcast,), remat=self.remat)
+        layers = stack(T5EncoderLayer, c.num_layers, in_axes=(nn.broadcast,), remat=self.remat,
+                       unrolled=self.layer_loop == "unrolled")
         x, _ = layers(c, name="layers", quant=self.quant, **kw)(embeds.astype(self.dtype), bias)
         return _norm(c, name="final_norm", **kw)(x)
 
@@ -242,14 +244,14 @@ class T5Model(LanguageModel):
     param_dtype: Dtype = jnp.float32
     quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"  # named policy, see jblip.scan
-    layer_loop: str = "scan"  # of the decoder stack: jblip.scan.LAYER_LOOPS
+    layer_loop: str = "scan"  # of both stacks: jblip.scan.LAYER_LOOPS
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if jnp.dtype(self.dtype) == jnp.float16:
             raise ValueError("T5 activations overflow float16; use float32 or bfloat16")
         self.shared = Embed(c.vocab_rows, c.d_model, ("vocab", "embed"), **kw)
-        self.encoder = T5Encoder(c, remat=self.remat, quant=self.quant, **kw)
+        self.encoder = T5Encoder(c, remat=self.remat, layer_loop=self.layer_loop, quant=self.quant, **kw)
         self.decoder = T5Decoder(c, remat=self.remat, layer_loop=self.layer_loop, quant=self.quant, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = LMHead(c.d_model, c.vocab_rows, quant=self.quant, **kw)
