@@ -259,8 +259,6 @@ def worker(side: str, cores: list[int], quick: bool, new: int):
     built, run, build_s = {}, None, 0.0
     for line in sys.stdin:
         cmd = json.loads(line)
-        if cmd["op"] == "quit":
-            break
         if cmd["op"] == "prepare":
             name, family, batch = next(c for c in CASES if c[0] == cmd["case"])
             cfg = family_config(family, quick)
@@ -322,17 +320,21 @@ class Worker:
         raise RuntimeError(f"the {self.side} worker exited (code {self.proc.wait()}):\n{tail}")
 
     def close(self):
-        if self.proc.poll() is None:
-            try:
-                self.ask(op="quit")
-            except (RuntimeError, BrokenPipeError):
-                pass
-            self.proc.wait(timeout=60)
+        """End of input ends the worker's loop; one still busy (an error elsewhere) is killed."""
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (BrokenPipeError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
 
 
-def check_towers(family: str, ours: dict, theirs: dict):
+def check_towers(family: str, prep: dict):
+    """Prints the per-tower counts (and model build times); raises if any tower differs."""
+    ours, theirs = prep["jblip"]["towers"], prep["keras"]["towers"]
     row = " ".join(f"{k}={ours[k]}" + ("" if ours[k] == theirs[k] else f"/keras={theirs[k]}") for k in ours)
-    print(f"towers family={family} {row} total={sum(ours.values())}", flush=True)
+    print(f"towers family={family} {row} total={sum(ours.values())} jblip_build_s={prep['jblip']['build_s']:.1f} "
+          f"keras_build_s={prep['keras']['build_s']:.1f}", flush=True)
     if ours != theirs:
         raise AssertionError(f"{family}: parameter counts per tower differ (jblip / keras): {ours} / {theirs}")
 
@@ -412,7 +414,7 @@ def main(argv=None):
                 if versions["jax"] != versions["jblip_jax"]:
                     print("warning: the two sides run different jax versions", file=sys.stderr)
             if family not in checked:
-                check_towers(family, prep["jblip"]["towers"], prep["keras"]["towers"])
+                check_towers(family, prep)
                 checked.add(family)
             row = time_case(workers, prep, name, batch, new, repeats)
             results.append(row)
