@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from jblip import kv_cache
 from jblip.config import OPTConfig
@@ -134,7 +135,8 @@ class OPTModel(DecoderOnlyLM):
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         c = self.config
-        return kv_cache.init(c.num_layers, batch, c.num_heads, max_len, c.head_dim, dtype)
+        return kv_cache.init(c.num_layers, batch, c.num_heads, max_len, c.head_dim, dtype,
+                             per_layer=self.layer_loop == "unrolled")
 
     def decode(self, embeds, positions, key_mask, cache=None, slot=0):
         """embeds [B,T,word_embed_proj_dim]; positions [B,T] 0-based (pads: any); key_mask [B,S]
@@ -148,7 +150,7 @@ class OPTModel(DecoderOnlyLM):
         if c.word_embed_proj_dim != c.hidden_size:
             x = self.project_in(x)
         x = x + self.embed_positions(positions.astype(jnp.int32) + POSITION_OFFSET)
-        (x, cache), _ = self.layers((x, cache), jnp.arange(c.num_layers), bias, slot)
+        (x, cache), _ = self.layers((x, cache), np.arange(c.num_layers), bias, slot)
         if c.do_layer_norm_before:
             x = self.final_layer_norm(x)
         return x, cache
@@ -168,8 +170,8 @@ class OPTModel(DecoderOnlyLM):
                              f"got {embeds.shape}")
         if positions.shape != embeds.shape[:2]:
             raise ValueError(f"positions must be [B,T]={embeds.shape[:2]}, got {positions.shape}")
-        if cache is not None and cache["k"].shape[0] != c.num_layers:
-            raise ValueError(f"cache has {cache['k'].shape[0]} layers, the model {c.num_layers}")
+        if cache is not None and kv_cache.num_layers(cache) != c.num_layers:
+            raise ValueError(f"cache has {kv_cache.num_layers(cache)} layers, the model {c.num_layers}")
         keys = embeds.shape[1] if cache is None else kv_cache.num_slots(cache)
         if key_mask.shape != (embeds.shape[0], keys):
             raise ValueError(f"key_mask must be [B,S]=({embeds.shape[0]}, {keys}) "

@@ -18,6 +18,7 @@ import math
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from jblip import kv_cache
 from jblip.config import T5Config
@@ -232,7 +233,7 @@ class T5Decoder(nn.Module):
                      + causal_bias(jnp.broadcast_to(query_positions, (B, T)), jnp.ones((B, num_keys), bool)))
         cross_bias = key_padding_bias(enc_mask)
         L = self.config.num_decoder_layers
-        (x, cache), new_cross = self.layers((x.astype(self.dtype), cache), jnp.arange(L), cross, enc_out,
+        (x, cache), new_cross = self.layers((x.astype(self.dtype), cache), np.arange(L), cross, enc_out,
                                             self_bias, cross_bias, slot)
         return self.final_norm(x), cache, (cross if cross is not None else new_cross)
 
@@ -315,7 +316,8 @@ class T5Model(LanguageModel):
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         c = self.config
-        return kv_cache.init(c.num_decoder_layers, batch, c.num_heads, max_len, c.d_kv, dtype)
+        return kv_cache.init(c.num_decoder_layers, batch, c.num_heads, max_len, c.d_kv, dtype,
+                             per_layer=self.layer_loop == "unrolled")
 
     def _start_ids(self, batch: int):
         return jnp.full((batch, 1), self.config.decoder_start_token_id, jnp.int32)
