@@ -145,6 +145,21 @@ def build(family: str, quick: bool):
     return config, random_params(config)
 
 
+def step_bytes(model, batch: int, slots: int) -> tuple[int, int]:
+    """(LLM weight bytes a decode step reads, KV-cache bytes at `slots` slots): every LLM weight
+    but the gathered tables (token embeddings unless the head is tied to them, OPT's
+    positions), of which one row per token is read."""
+    import jax
+    text, llm = model.config.text, model.params["llm"]
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
+    weights = nbytes(llm) - nbytes(llm.get("embed_positions", {}))
+    if not getattr(text, "tie_word_embeddings", True) or text.family != "opt":
+        weights -= nbytes(llm["embed_tokens"])
+    heads = getattr(text, "num_kv_heads", text.num_heads)
+    kv = 2 * text.num_layers * batch * slots * heads * text.head_dim * 4
+    return weights, kv
+
+
 def runner(model, inputs: dict, new: int):
     import jax
 
@@ -185,7 +200,7 @@ def main(argv=None):
                                f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_run")
     import jax
     from benchmarks.accelerator import decode_inputs
-    from benchmarks.generate import copy_bandwidth, decode_bytes_per_step
+    from benchmarks.generate import copy_bandwidth
     from jblip.pretrained import VisionLanguageModel
     from jblip.scan import LAYER_LOOPS, layer_loop_for
 
@@ -196,9 +211,11 @@ def main(argv=None):
           f"copy_bandwidth_gb_s={bandwidth / 1e9:.1f} platform_layer_loop={own}", flush=True)
     for batch in (int(b) for b in args.batches.split(",")):
         inputs = decode_inputs(config, batch, prompt=16, instruction=8)
+        if not config.qformer.use_text_input:  # BLIP-2: the Q-Former reads no instruction
+            inputs.update(qformer_input_ids=None, qformer_attention_mask=None)
         models = {loop: VisionLanguageModel(config, params, layer_loop=loop) for loop in LAYER_LOOPS}
         steps = step_ms(models, inputs, new, repeats)
-        weights, kv = decode_bytes_per_step(models[own], batch, config.num_query_tokens + 16 + new)
+        weights, kv = step_bytes(models[own], batch, config.num_query_tokens + 16 + new)
         floor = 1e3 * (weights + kv) / bandwidth
         for loop, ms in steps.items():
             print(f"case=greedy_b{batch} layer_loop={loop} step_ms={ms:.2f} floor_ms={floor:.2f} "
