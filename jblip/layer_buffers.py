@@ -11,12 +11,10 @@ alive and cost no memory of their own.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import jax
 import numpy as np
 
-from jblip.scan import UNROLLED_PREFIX
+from jblip.scan import unstack_params
 
 
 def _layer(x: jax.Array, i: int) -> jax.Array:
@@ -31,17 +29,7 @@ def _layer(x: jax.Array, i: int) -> jax.Array:
     return jax.make_array_from_single_device_arrays(x.shape[1:], target, shards)
 
 
-def layer_views(tree, name: str = "layers"):
-    """`tree` with each stacked subtree `name` replaced by `{"layer_0": ..., ...}` views (the
+def layer_views(tree):
+    """`tree` with each stacked layer stack replaced by `{"layer_0": ..., ...}` views (the
     layout `jblip.scan.unstack_params` makes inside a program, without its copy)."""
-    if not isinstance(tree, Mapping):
-        return tree
-    out = {}
-    for key, value in tree.items():
-        if key == name and isinstance(value, Mapping):
-            length = jax.tree_util.tree_leaves(value)[0].shape[0]
-            out[key] = {f"{UNROLLED_PREFIX}{i}": jax.tree_util.tree_map(lambda x: _layer(x, i), value)
-                        for i in range(length)}
-        else:
-            out[key] = layer_views(value, name)
-    return out
+    return unstack_params(tree, _layer)

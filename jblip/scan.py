@@ -123,17 +123,18 @@ def _unrolled(block: type[nn.Module], length: int, in_axes: tuple) -> type[nn.Mo
     return construct
 
 
-def unstack_params(tree, name: str = "layers"):
+def unstack_params(tree, layer=lambda x, i: x[i], name: str = "layers"):
     """`tree` with every stacked subtree `name` ([L, ...] leaves) split into per-layer buffers
-    `{name: {"layer_0": ..., "layer_1": ...}}`, the params of an `unrolled` stack."""
+    `{name: {"layer_0": ..., "layer_1": ...}}`, the params of an `unrolled` stack; `layer(leaf,
+    i)` takes layer i of a stacked leaf (default: a slice, a copy inside a program)."""
     if not isinstance(tree, Mapping):
         return tree
     out = {}
     for key, value in tree.items():
         if key == name and isinstance(value, Mapping):
             length = jax.tree_util.tree_leaves(value)[0].shape[0]
-            out[key] = {f"{UNROLLED_PREFIX}{i}": jax.tree_util.tree_map(lambda x: x[i], value)
+            out[key] = {f"{UNROLLED_PREFIX}{i}": jax.tree_util.tree_map(lambda x: layer(x, i), value)
                         for i in range(length)}
         else:
-            out[key] = unstack_params(value, name)
+            out[key] = unstack_params(value, layer, name)
     return out
