@@ -35,16 +35,22 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD_BYTES = 512 * 2**20
-VISION = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=4, num_attention_heads=16,
-              patch_size=14, image_size=224, qkv_bias=True)
+VISION = dict(hidden_size=1408, intermediate_size=6144, num_attention_heads=16, patch_size=14, image_size=224,
+              qkv_bias=True)
+# (ViT layers, Q-Former layers) of each checkpoint shape; the LLaMA's layers fill --size-gb.
+# "llm": ~86% of the parameters in the language model, as in the real checkpoints (Vicuna-7B: 85%,
+# 13B: 92%); "towers": the earlier shape, 4 ViT-g layers and the full Q-Former (LLM 45%).
+SHAPES = {"llm": (1, 2), "towers": (4, 12)}
 LLAMA = dict(model_type="llama", vocab_size=32001, hidden_size=2048, intermediate_size=5504,
              num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
              bos_token_id=2, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 
 
-def _hf_config(layers: int):
+def _hf_config(layers: int, shape: str):
     from transformers import InstructBlipConfig
-    return InstructBlipConfig(vision_config=VISION, qformer_config=dict(encoder_hidden_size=1408),
+    vit, qformer = SHAPES[shape]
+    return InstructBlipConfig(vision_config=dict(VISION, num_hidden_layers=vit),
+                              qformer_config=dict(encoder_hidden_size=1408, num_hidden_layers=qformer),
                               text_config=dict(LLAMA, num_hidden_layers=layers), num_query_tokens=32)
 
 
@@ -57,16 +63,16 @@ def _shapes(config) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def write_checkpoint(path: str, size_gb: float) -> int:
+def write_checkpoint(path: str, size_gb: float, kind: str = "llm") -> int:
     """Random float32 weights in the HF sharded safetensors layout; returns the bytes written."""
     import numpy as np
     from safetensors.numpy import save_file
 
-    fixed = sum(int(np.prod(s)) for s in _shapes(_hf_config(0)).values())
+    fixed = sum(int(np.prod(s)) for s in _shapes(_hf_config(0, kind)).values())
     d, f = LLAMA["hidden_size"], LLAMA["intermediate_size"]
     per_layer = 4 * d * d + 3 * d * f + 2 * d
     layers = max(1, round((size_gb * 2**30 / 4 - fixed) / per_layer))
-    config = _hf_config(layers)
+    config = _hf_config(layers, kind)
     shapes = _shapes(config)
     os.makedirs(path, exist_ok=True)
     config.save_pretrained(path)
@@ -92,8 +98,10 @@ def write_checkpoint(path: str, size_gb: float) -> int:
         del tensors
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=1)
-    print(f"wrote {total / 2**30:.2f} GiB in {len(groups)} shards: LLaMA {layers} layers, "
-          f"{sum(int(np.prod(s)) for s in shapes.values()) / 1e6:.0f}M params", flush=True)
+    params = sum(int(np.prod(s)) for s in shapes.values())
+    llm = sum(int(np.prod(s)) for k, s in shapes.items() if k.startswith("language_model."))
+    print(f"wrote {total / 2**30:.2f} GiB in {len(groups)} shards: {params / 1e6:.0f}M params, "
+          f"LLaMA {layers} layers = {llm / params:.0%} of them ({kind!r} shape)", flush=True)
     return total
 
 
@@ -139,6 +147,8 @@ def _child(*flags, env=None) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=2.0)
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="llm",
+                        help="llm: LM-dominated like the real checkpoints; towers: the earlier ViT/Q-Former-heavy one")
     parser.add_argument("--dir", default="/tmp/jblip_load_bench")
     parser.add_argument("--mesh", default="fsdp=8")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
@@ -154,10 +164,10 @@ def main():
         return load_and_measure(args.dir, args.mesh, args._replicate_qformer, args.quantize, args.quantize_towers,
                                 args.precision)
     if args._write:
-        return print(write_checkpoint(args.dir, args.size_gb))
+        return print(write_checkpoint(args.dir, args.size_gb, args.shape))
 
     try:
-        ckpt = int(_child("--_write", "--dir", args.dir, "--size-gb", str(args.size_gb))) / 2**30
+        ckpt = int(_child("--_write", "--dir", args.dir, "--size-gb", str(args.size_gb), "--shape", args.shape)) / 2**30
         print(f"checkpoint {ckpt:.2f} GiB (float32) in {args.dir}", flush=True)
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
                "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}

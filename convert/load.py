@@ -17,6 +17,7 @@ import numpy as np
 
 from jblip import sharding
 from jblip.config import ModelConfig, Precision, from_hf_config, untie_if_present
+from jblip.convert.device_stack import DeviceStack
 from jblip.convert.fuse import FuseQVBias
 from jblip.convert.hf import hf_rules
 from jblip.convert.quantized import read_quantized
@@ -38,10 +39,14 @@ class NonFiniteWatch:
         self.place, self.bad = place, []
 
     def __call__(self, path, x):
+        self.check(path, x)
+        return self.place(path, x)
+
+    def check(self, path, x):
         leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(x)]  # a quantised kernel: its scale
         if any(a.dtype.kind in "fcV" and a.size and not np.isfinite(a).all() for a in leaves):  # V: bfloat16
-            self.bad.append(path)
-        return self.place(path, x)
+            if path not in self.bad:  # a stack is checked layer by layer
+                self.bad.append(path)
 
     def warn(self, where: str):
         if self.bad:
@@ -76,6 +81,8 @@ def load_params(path: str, precision: Precision | str = "float32", mesh=None, ru
             config = untie_if_present(config, source.keys())
         abstract = (storage or abstract_params)(config)  # the checkpoint's shapes
         place = lambda _, x: jax.tree_util.tree_map(jnp.asarray, x)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        where = lambda p, leaf: jax.tree_util.tree_map(lambda _: device, leaf)
         if mesh is not None:
             rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
             config = sharding.pad_vocab(config, mesh, rules)
@@ -84,10 +91,13 @@ def load_params(path: str, precision: Precision | str = "float32", mesh=None, ru
             shapes = flatten(nn.unbox(boxed))  # padded where the vocab is
             place = lambda p, x: jax.tree_util.tree_map(lambda a, t, s: sharding.place(a, t, s.shape),
                                                         x, targets[p], shapes[p])
+            where = lambda p, leaf: targets[p]
         watch = NonFiniteWatch(place)
         if stored is not None:
             params = read_quantized(path, abstract, watch)
         else:
-            params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress)
+            stack = lambda p, leaf: DeviceStack(p, leaf, where(p, leaf), watch.check)  # filled where it lives
+            params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress,
+                                    stack=stack)
     watch.warn(path)
     return config, params

@@ -121,6 +121,18 @@ def reading_order(per_layer_paths, slots: Mapping[str, Slot | None]) -> list[lis
     return [sorted(g, key=lambda p: slots[p].index) if slots[g[0]] is not None else g for g in groups.values()]
 
 
-def assemble(slices: list):
-    """Per-layer arrays (or pytrees of them, e.g. quantised kernels) stacked on a leading axis."""
-    return jax.tree_util.tree_map(lambda *xs: np.stack(xs, axis=0), *slices)
+class HostStack:
+    """A stacked param assembled layer by layer in one preallocated host array (or pytree of
+    them, e.g. a quantised kernel's values and scales), then handed to `place` whole; the
+    per-layer slices are never held all at once next to their stack."""
+
+    def __init__(self, path: str, leaf, place=None):
+        self.path, self.place = path, place
+        self.value = jax.tree_util.tree_map(lambda a: np.empty(tuple(a.shape), np.dtype(a.dtype)), leaf)
+
+    def set(self, index: int, layer) -> None:
+        jax.tree_util.tree_map(lambda stack, x: stack.__setitem__(index, x), self.value, layer)
+
+    def result(self):
+        value, self.value = self.value, None
+        return value if self.place is None else self.place(self.path, value)

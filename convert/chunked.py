@@ -1,0 +1,86 @@
+"""One checkpoint tensor converted into its param's layout a chunk of rows at a time.
+
+A large float tensor (an LM head, an embedding, a wide MLP kernel) read whole and then cast
+or quantised has, for a moment, several copies alive: the bytes read, a transposed copy, the
+result. Here the result is allocated once in its final dtype (bfloat16, or int8/int4 values
+and scales) and filled from chunks of at most `CHUNK_BYTES` of the stored tensor, each read
+with `source.read_rows` and converted alone.
+
+A torch tensor's rows run along one axis of the param (`Transform.rows_axis`): a linear
+layer's output channels, an embedding's vocabulary. qwix quantises a kernel per output
+channel (int4: per output channel and group of the contracted axis), so a chunk of output
+channels quantised alone gives exactly the values and scales of the whole.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from jblip import quantization
+
+CHUNK_BYTES = 16 * 2**20
+
+
+def convert_one(x: np.ndarray, shape: tuple, rule, dtype) -> np.ndarray:
+    """A whole tensor through its rule's transform into `shape`, cast to `dtype` (None: kept)."""
+    y = rule.transform.to_flax(np.asarray(x), tuple(shape))
+    return y.astype(dtype) if dtype is not None and y.dtype != dtype else y
+
+
+def _chunk_axis(rule, torch_shape: tuple, shape: tuple, like) -> tuple[int, int] | None:
+    """(param axis the rows run along, torch rows per index of it), or None: convert it whole."""
+    axis = rule.transform.rows_axis(shape)
+    if axis is None or not torch_shape or axis >= len(shape) or not shape[axis]:
+        return None
+    unit, rest = divmod(torch_shape[0], shape[axis])
+    if rest or math.prod(torch_shape) != math.prod(shape):
+        return None
+    if like is not None and like.scale.shape[axis] != shape[axis]:
+        return None  # the scales are not per index of that axis: chunks would not quantise alone
+    return axis, unit
+
+
+def _slab(axis: int, start: int, stop: int) -> tuple:
+    return (slice(None),) * axis + (slice(start, stop),)
+
+
+def _piece_like(like, axis: int, n: int):
+    """The abstract QArray of `n` indices of `like` along `axis` (a per-index axis of its scale)."""
+    import jax
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape[:axis] + (n,) + a.shape[axis + 1:], a.dtype), like)
+
+
+def read_converted(source, key: str, rule, shape: tuple, dtype, like=None):
+    """The tensor `key` of `source` in the param layout `shape`: a numpy array of `dtype`, or, with
+    `like` (an abstract QArray), quantised to its layout (a QArray of numpy arrays). Read in row
+    chunks when it is larger than `CHUNK_BYTES` and its rows map onto one param axis."""
+    shape = tuple(shape)
+    torch_shape = tuple(source.shape(key))
+    row_bytes = math.prod(torch_shape[1:]) * np.dtype(source.dtype(key)).itemsize
+    found = _chunk_axis(rule, torch_shape, shape, like) if torch_shape else None
+    if found is None or torch_shape[0] * row_bytes <= CHUNK_BYTES:
+        # a kernel to quantise keeps its stored precision until qwix has quantised it
+        x = convert_one(source.read(key), shape, rule, None if like is not None else dtype)
+        return quantization.quantize_host(x, like) if like is not None else x
+    axis, unit = found
+    if like is None:
+        out = np.empty(shape, dtype)
+    else:
+        out = quantization.QArray(np.empty(like.qvalue.shape, like.qvalue.dtype),
+                                  np.empty(like.scale.shape, like.scale.dtype), None, np.dtype(like.qvalue.dtype))
+    step = max(1, CHUNK_BYTES // (unit * row_bytes))
+    for start in range(0, shape[axis], step):
+        stop = min(start + step, shape[axis])
+        piece_shape = shape[:axis] + (stop - start,) + shape[axis + 1:]
+        piece = convert_one(source.read_rows(key, start * unit, stop * unit), piece_shape, rule,
+                            None if like is not None else dtype)
+        if like is None:
+            out[_slab(axis, start, stop)] = piece
+        else:
+            q = quantization.quantize_host(piece, _piece_like(like, axis, stop - start))
+            out.qvalue[_slab(axis, start, stop)] = q.qvalue
+            out.scale[_slab(axis, start, stop)] = q.scale
+        del piece
+    return out
