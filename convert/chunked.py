@@ -41,10 +41,6 @@ def _chunk_axis(rule, torch_shape: tuple, shape: tuple, like) -> tuple[int, int]
     return axis, unit
 
 
-def _slab(axis: int, start: int, stop: int) -> tuple:
-    return (slice(None),) * axis + (slice(start, stop),)
-
-
 def _piece_like(like, axis: int, n: int):
     """The abstract QArray of `n` indices of `like` along `axis` (a per-index axis of its scale)."""
     import jax
@@ -52,10 +48,30 @@ def _piece_like(like, axis: int, n: int):
         lambda a: jax.ShapeDtypeStruct(a.shape[:axis] + (n,) + a.shape[axis + 1:], a.dtype), like)
 
 
-def read_converted(source, key: str, rule, shape: tuple, dtype, like=None):
-    """The tensor `key` of `source` in the param layout `shape`: a numpy array of `dtype`, or, with
-    `like` (an abstract QArray), quantised to its layout (a QArray of numpy arrays). Read in row
-    chunks when it is larger than `CHUNK_BYTES` and its rows map onto one param axis."""
+def write_piece(buffer, piece, axis: int | None, start: int, lead: tuple = ()) -> None:
+    """Copy `piece` (an array or a QArray of them) into `buffer` at `lead` + `start` along `axis`."""
+    import jax
+
+    def one(buf, x):
+        x = np.asarray(x)
+        where = lead if axis is None else lead + (slice(None),) * axis + (slice(start, start + x.shape[axis]),)
+        buf[where] = x
+    jax.tree_util.tree_map(one, buffer, piece)
+
+
+def empty_like(abstract):
+    """An uninitialised host array (or QArray of them) of `abstract`'s shapes and dtypes."""
+    import jax
+    return jax.tree_util.tree_map(lambda a: np.empty(tuple(a.shape), np.dtype(a.dtype)), abstract)
+
+
+def pieces(source, key: str, rule, shape: tuple, dtype, like=None, chunks_along=lambda axis: True):
+    """The tensor `key` of `source` in the param layout `shape`, as (axis, start, piece): `piece` goes
+    at `start` along `axis` of the param (axis None: it is the whole param). A piece is a numpy
+    array of `dtype` or, with `like` (an abstract QArray), quantised to its layout (a QArray of
+    numpy arrays). Read in row chunks when the tensor is larger than `CHUNK_BYTES` and its rows
+    map onto one param axis; where `chunks_along(axis)` is False the chunks are put together
+    here and yielded as one piece."""
     shape = tuple(shape)
     torch_shape = tuple(source.shape(key))
     row_bytes = math.prod(torch_shape[1:]) * np.dtype(source.dtype(key)).itemsize
@@ -63,24 +79,33 @@ def read_converted(source, key: str, rule, shape: tuple, dtype, like=None):
     if found is None or torch_shape[0] * row_bytes <= CHUNK_BYTES:
         # a kernel to quantise keeps its stored precision until qwix has quantised it
         x = convert_one(source.read(key), shape, rule, None if like is not None else dtype)
-        return quantization.quantize_host(x, like) if like is not None else x
+        yield None, 0, quantization.quantize_host(x, like) if like is not None else x
+        return
     axis, unit = found
-    if like is None:
-        out = np.empty(shape, dtype)
-    else:
-        out = quantization.QArray(np.empty(like.qvalue.shape, like.qvalue.dtype),
-                                  np.empty(like.scale.shape, like.scale.dtype), None, np.dtype(like.qvalue.dtype))
+    whole = None if chunks_along(axis) else empty_like(like if like is not None else _Spec(shape, dtype))
     step = max(1, CHUNK_BYTES // (unit * row_bytes))
     for start in range(0, shape[axis], step):
         stop = min(start + step, shape[axis])
         piece_shape = shape[:axis] + (stop - start,) + shape[axis + 1:]
         piece = convert_one(source.read_rows(key, start * unit, stop * unit), piece_shape, rule,
                             None if like is not None else dtype)
-        if like is None:
-            out[_slab(axis, start, stop)] = piece
+        if like is not None:
+            piece = quantization.quantize_host(piece, _piece_like(like, axis, stop - start))
+        if whole is None:
+            yield axis, start, piece
         else:
-            q = quantization.quantize_host(piece, _piece_like(like, axis, stop - start))
-            out.qvalue[_slab(axis, start, stop)] = q.qvalue
-            out.scale[_slab(axis, start, stop)] = q.scale
+            write_piece(whole, piece, axis, start)
         del piece
-    return out
+    if whole is not None:
+        yield None, 0, whole
+
+
+class _Spec:
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, dtype
+
+
+def read_converted(source, key: str, rule, shape: tuple, dtype, like=None):
+    """`pieces` put together: the whole converted (or quantised) tensor on the host."""
+    (_, _, whole), = pieces(source, key, rule, shape, dtype, like, chunks_along=lambda axis: False)
+    return whole

@@ -12,19 +12,19 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jblip import sharding
 from jblip.config import ModelConfig, Precision, from_hf_config, untie_if_present
-from jblip.convert.device_stack import DeviceStack
+from jblip.convert import chunked
+from jblip.convert.fill import DeviceFill, HostFill
 from jblip.convert.fuse import FuseQVBias
 from jblip.convert.hf import hf_rules
 from jblip.convert.quantized import read_quantized
 from jblip.convert.readers import open_checkpoint
 from jblip.convert.rules import convert_params, flatten
 from jblip.model import abstract_params
-from jblip.quantization import Quantization
+from jblip.quantization import Quantization, weight_bytes
 
 
 class NonFiniteWeightsWarning(RuntimeWarning):
@@ -80,24 +80,28 @@ def load_params(path: str, precision: Precision | str = "float32", mesh=None, ru
         if stored is None:
             config = untie_if_present(config, source.keys())
         abstract = (storage or abstract_params)(config)  # the checkpoint's shapes
-        place = lambda _, x: jax.tree_util.tree_map(jnp.asarray, x)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        where = lambda p, leaf: jax.tree_util.tree_map(lambda _: device, leaf)
         if mesh is not None:
             rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
             config = sharding.pad_vocab(config, mesh, rules)
             boxed = abstract_params(config, boxed=True)
             targets = flatten(sharding.param_shardings(boxed, mesh, rules))
             shapes = flatten(nn.unbox(boxed))  # padded where the vocab is
-            place = lambda p, x: jax.tree_util.tree_map(lambda a, t, s: sharding.place(a, t, s.shape),
-                                                        x, targets[p], shapes[p])
-            where = lambda p, leaf: targets[p]
+        else:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shapes = flatten(abstract)
+            targets = {p: jax.tree_util.tree_map(lambda _: device, a) for p, a in shapes.items()}
+        place = lambda p, x: jax.tree_util.tree_map(lambda a, t, s: sharding.place(a, t, s.shape),
+                                                    x, targets[p], shapes[p])
         watch = NonFiniteWatch(place)
         if stored is not None:
             params = read_quantized(path, abstract, watch)
         else:
-            stack = lambda p, leaf: DeviceStack(p, leaf, where(p, leaf), watch.check)  # filled where it lives
-            params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress,
-                                    stack=stack)
+            def fill(p, leaf, stacked):
+                # a large param is filled where it lives; a small one is put together on the host and
+                # placed whole (a host copy of it costs less than compiling its in-place updates)
+                if weight_bytes(leaf) <= chunked.CHUNK_BYTES:
+                    return HostFill(p, leaf, stacked, watch)
+                return DeviceFill(p, leaf, stacked, targets[p], shapes[p], place, watch.check)
+            params = convert_params(FuseQVBias(source), hf_rules(config), abstract, progress=progress, fill=fill)
     watch.warn(path)
     return config, params

@@ -16,7 +16,8 @@ import numpy as np
 
 from jblip import quantization
 from jblip.convert import stacking
-from jblip.convert.chunked import read_converted
+from jblip.convert.chunked import pieces
+from jblip.convert.fill import HostFill
 
 
 class ConversionError(ValueError):
@@ -199,19 +200,19 @@ class DictSource:
 
 def convert_params(source, rules: Iterable[Rule], abstract_params: Mapping, optional: Iterable[str] = (),
                    place: Callable[[str, np.ndarray], object] | None = None, progress=None,
-                   stack: Callable[[str, object], object] | None = None) -> dict:
+                   fill: Callable[[str, object, bool], object] | None = None) -> dict:
     """Read every tensor a table assigns and return the nested Flax params dict.
 
     source: TensorSource (keys/shape/dtype/read, and read_rows); abstract_params: nested dict
-    of leaves with .shape/.dtype (e.g. from jax.eval_shape). `place(path, array)` may move each
-    array to its device/sharding as soon as it is read. A stacked param is filled one layer at a
-    time into `stack(path, leaf)` (`set(i, layer)`, then `result()`): by default a preallocated
-    host array placed whole (`stacking.HostStack`); the loader fills it on its devices instead.
-    A leaf that is a quantised kernel (`jblip.quantization`) is quantised as it is read, and a
-    large tensor is read and converted a chunk of rows at a time (`convert/chunked.py`), so
-    neither a whole float stack nor a whole large float tensor next to its converted form is held.
+    of leaves with .shape/.dtype (e.g. from jax.eval_shape). Each param is put together in
+    `fill(path, leaf, stacked)` from the pieces read (`convert/fill.py`): by default on the host
+    and then `place(path, array)`d whole (e.g. moved to its device/sharding); the loader fills
+    it on its devices instead. A stacked param is read one layer at a time, a large tensor a
+    chunk of rows at a time (`convert/chunked.py`), and a leaf that is a quantised kernel
+    (`jblip.quantization`) is quantised as it is read, so neither a whole float stack nor a
+    large float tensor next to its converted form is ever held.
     """
-    stack = stack or (lambda path, leaf: stacking.HostStack(path, leaf, place))
+    fill = fill or (lambda path, leaf, stacked: HostFill(path, leaf, stacked, place))
     targets = flatten(abstract_params)
     assignment = plan({k: source.shape(k) for k in source.keys()}, rules, targets, optional)
     slots = stacking.per_layer_slots({p: tuple(a.shape) for p, a in targets.items()})
@@ -225,18 +226,15 @@ def convert_params(source, rules: Iterable[Rule], abstract_params: Mapping, opti
         shape = tuple(leaf.shape[1:] if slot else leaf.shape)
         quantized = quantization.is_quantized(leaf)
         like = (quantization.slice_like(leaf) if slot else leaf) if quantized else None  # one layer's layout
-        filling = None if slot is None else stack(path, leaf)
+        target = fill(path, leaf, slot is not None)
         for index, member in enumerate(group):
             key, rule = assignment[member]
-            value = read_converted(source, key, rule, shape, None if quantized else np.dtype(leaf.dtype), like)
-            if filling is None:
-                out[path] = place(path, value) if place is not None else value
-            else:
-                filling.set(index, value)
-            del value
+            for axis, start, piece in pieces(source, key, rule, shape, None if quantized else np.dtype(leaf.dtype),
+                                             like, target.chunks_along):
+                target.write(index if slot else None, axis, start, piece)
+                del piece
             done += 1
             if progress is not None:
                 progress(done, len(assignment), member)
-        if filling is not None:
-            out[path] = filling.result()
+        out[path] = target.result()
     return unflatten(out)

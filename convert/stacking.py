@@ -19,7 +19,6 @@ import re
 from collections.abc import Mapping
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 _STACK = re.compile(r"^(?P<parent>(?:.*/)?)layers/(?P<rest>.*)$")
@@ -119,20 +118,3 @@ def reading_order(per_layer_paths, slots: Mapping[str, Slot | None]) -> list[lis
         key = path if slot is None else slot.stacked
         groups.setdefault(key, []).append(path)
     return [sorted(g, key=lambda p: slots[p].index) if slots[g[0]] is not None else g for g in groups.values()]
-
-
-class HostStack:
-    """A stacked param assembled layer by layer in one preallocated host array (or pytree of
-    them, e.g. a quantised kernel's values and scales), then handed to `place` whole; the
-    per-layer slices are never held all at once next to their stack."""
-
-    def __init__(self, path: str, leaf, place=None):
-        self.path, self.place = path, place
-        self.value = jax.tree_util.tree_map(lambda a: np.empty(tuple(a.shape), np.dtype(a.dtype)), leaf)
-
-    def set(self, index: int, layer) -> None:
-        jax.tree_util.tree_map(lambda stack, x: stack.__setitem__(index, x), self.value, layer)
-
-    def result(self):
-        value, self.value = self.value, None
-        return value if self.place is None else self.place(self.path, value)
