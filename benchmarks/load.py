@@ -131,6 +131,7 @@ def load_and_measure(path: str, spec: str, replicate_qformer: bool, quantize=Non
     import jax
     import jblip
     from jblip import sharding
+    from jblip.quantization import dtype_bits
     rules = sharding.override_rules(qf_embed=None) if replicate_qformer else None
     mesh = sharding.make_mesh(spec)
     _, base_peak = _rss_gib()  # the process baseline: python, jax (its CPU backend started) and jblip
@@ -140,7 +141,8 @@ def load_and_measure(path: str, spec: str, replicate_qformer: bool, quantize=Non
     jax.block_until_ready(model.params)
     seconds = time.perf_counter() - start
     current, peak = _rss_gib()
-    held = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(model.params) for s in x.addressable_shards)
+    held = sum(s.data.size * dtype_bits(s.data.dtype) // 8  # int4: half a byte
+               for x in jax.tree_util.tree_leaves(model.params) for s in x.addressable_shards)
     print(json.dumps(dict(load_s=seconds, peak_rss_gib=peak, rss_after_gib=current, rss_before_load_gib=base_peak,
                           device_bytes_gib=held / 2**30,
                           ru_maxrss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))

@@ -61,9 +61,11 @@ def load_params(path: str, precision: Precision | str = "float32", mesh=None, ru
                 quantization: Quantization | None = None) -> tuple[ModelConfig, dict]:
     """Read the checkpoint at `path` (a local directory) into params.
 
-    With a `mesh`, each tensor goes straight from the file into its sharded array as it is
-    read (one host tensor, or one stacked param, alive at a time; every process keeps only the
-    slices its devices hold) and the LM vocabulary is zero-padded to divide its mesh axes.
+    Each param goes from the file to where it lives as it is read: a large one (a stack, a big
+    tensor) is allocated there once and filled in place a layer or a chunk of rows at a time,
+    a small one is put together on the host and placed whole (`convert/fill.py`), so host
+    memory holds the placed params plus about one piece. With a `mesh`, every process keeps only
+    the slices its devices hold, and the LM vocabulary is zero-padded to divide its mesh axes.
     `storage(config)` gives the abstract params (shapes and the dtype each leaf is stored in);
     default: the config's param dtype. With `quantization`, the kernels it names are quantised
     as each tensor is read (`jblip.quantization`). Returns (config, params), the config
