@@ -2,9 +2,9 @@
 
 A large float tensor (an LM head, an embedding, a wide MLP kernel) read whole and then cast
 or quantised has, for a moment, several copies alive: the bytes read, a transposed copy, the
-result. Here the result is allocated once in its final dtype (bfloat16, or int8/int4 values
-and scales) and filled from chunks of at most `CHUNK_BYTES` of the stored tensor, each read
-with `source.read_rows` and converted alone.
+result. Here it is read `CHUNK_BYTES` at a time (`source.read_rows`), each chunk converted
+alone to its final dtype (bfloat16, or int8/int4 values and scales) and handed on as one piece
+of the param, which `convert/fill.py` writes where the param lives.
 
 A torch tensor's rows run along one axis of the param (`Transform.rows_axis`): a linear
 layer's output channels, an embedding's vocabulary. qwix quantises a kernel per output
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 
 from jblip import quantization
@@ -43,15 +44,12 @@ def _chunk_axis(rule, torch_shape: tuple, shape: tuple, like) -> tuple[int, int]
 
 def _piece_like(like, axis: int, n: int):
     """The abstract QArray of `n` indices of `like` along `axis` (a per-index axis of its scale)."""
-    import jax
     return jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape[:axis] + (n,) + a.shape[axis + 1:], a.dtype), like)
 
 
 def write_piece(buffer, piece, axis: int | None, start: int, lead: tuple = ()) -> None:
     """Copy `piece` (an array or a QArray of them) into `buffer` at `lead` + `start` along `axis`."""
-    import jax
-
     def one(buf, x):
         x = np.asarray(x)
         where = lead if axis is None else lead + (slice(None),) * axis + (slice(start, start + x.shape[axis]),)
@@ -61,7 +59,6 @@ def write_piece(buffer, piece, axis: int | None, start: int, lead: tuple = ()) -
 
 def empty_like(abstract):
     """An uninitialised host array (or QArray of them) of `abstract`'s shapes and dtypes."""
-    import jax
     return jax.tree_util.tree_map(lambda a: np.empty(tuple(a.shape), np.dtype(a.dtype)), abstract)
 
 
@@ -82,7 +79,7 @@ def pieces(source, key: str, rule, shape: tuple, dtype, like=None, chunks_along=
         yield None, 0, quantization.quantize_host(x, like) if like is not None else x
         return
     axis, unit = found
-    whole = None if chunks_along(axis) else empty_like(like if like is not None else _Spec(shape, dtype))
+    whole = None if chunks_along(axis) else empty_like(like if like is not None else jax.ShapeDtypeStruct(shape, dtype))
     step = max(1, CHUNK_BYTES // (unit * row_bytes))
     for start in range(0, shape[axis], step):
         stop = min(start + step, shape[axis])
@@ -98,11 +95,6 @@ def pieces(source, key: str, rule, shape: tuple, dtype, like=None, chunks_along=
         del piece
     if whole is not None:
         yield None, 0, whole
-
-
-class _Spec:
-    def __init__(self, shape, dtype):
-        self.shape, self.dtype = shape, dtype
 
 
 def read_converted(source, key: str, rule, shape: tuple, dtype, like=None):
