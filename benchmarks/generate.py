@@ -70,6 +70,13 @@ CASES = (  # name, batch, decoding options shared by both libraries
 
 # ----------------------------------------------------------------------------- model and inputs
 
+def hf_config(quick: bool = False) -> dict:
+    """The benchmark model's HF config.json content (what `build_hf_model` saves, defaults aside)."""
+    shapes = QUICK if quick else FULL
+    return dict(model_type="instructblip", vision_config=shapes["vision"], qformer_config=shapes["qformer"],
+                text_config=shapes["text"], num_query_tokens=NUM_QUERIES, image_token_index=IMAGE_TOKEN)
+
+
 def build_hf_model(path: str, shapes: dict, seed: int = 0):
     import torch
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration

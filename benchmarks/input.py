@@ -11,8 +11,9 @@ resized crop + flip to 224 px, tokenised text) from:
 - `grain-threads`: train/data.BatchStream, grain read-ahead threads (the default, 4);
 - `grain-procs-1`, `grain-procs-2`: BatchStream with 1 and 2 grain worker processes.
 
-Each case runs in its own process; the first batch (worker start-up) is not timed. One
-line per case: images/s (median of `--repeats`) and the ratio to `previous`.
+Each case runs in its own process, the cases taking turns (`--repeats` rounds); the first batch
+(worker start-up) is not timed. One line per case: images/s (median of the rounds) and the
+ratio to `previous`.
 """
 from __future__ import annotations
 
@@ -107,18 +108,17 @@ def main():
         folder = write_data(tmp, args.images)
         print(f"input: {args.images} JPEGs 640x480 -> batch {BATCH} at {SIZE} px (random resized crop + flip), "
               f"{args.batches} timed batches, median of {args.repeats}; {os.cpu_count()} cores")
-        rates = {}
-        for case in CASES:
-            runs = []
-            for _ in range(args.repeats):
+        runs = {case: [] for case in CASES}
+        for _ in range(args.repeats):  # cases interleaved: a shared machine's load drifts over the run
+            for case in CASES:
                 out = subprocess.run([sys.executable, __file__, "--case", case, "--data", folder,
                                       "--batches", str(args.batches)], capture_output=True, text=True, cwd=ROOT,
                                      env={**os.environ, "PYTHONPATH": ROOT}, check=True)
-                runs.append(json.loads(out.stdout.strip().splitlines()[-1])["rate"])
-            rates[case] = statistics.median(runs)
-            print(f"{case:>14}: {rates[case]:7.1f} images/s (runs {', '.join(f'{r:.1f}' for r in runs)}), "
+                runs[case].append(json.loads(out.stdout.strip().splitlines()[-1])["rate"])
+        rates = {case: statistics.median(r) for case, r in runs.items()}
+        for case in CASES:
+            print(f"{case:>14}: {rates[case]:7.1f} images/s (runs {', '.join(f'{r:.1f}' for r in runs[case])}), "
                   f"{rates[case] / rates['previous']:.2f}x previous", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from jblip.language_model import LMState, reorder, repeat
 from jblip.model import BlipModel
 from jblip.processors import argmax, is_eos, process
 from jblip.sampling import RowSampler, StaticSampler
+from jblip.scan import unstack_params
 
 BIG_NEG = -1.0e9
 
@@ -220,11 +221,25 @@ def _mask_after_eos(tokens, lengths, pad):
     return jnp.where(jnp.arange(tokens.shape[-1])[None, :] < lengths[:, None], tokens, pad)
 
 
+def _loop_model(module: BlipModel, params, layer_loop: str, loop_llm=None):
+    """The module and params the language model runs with (prefill and decode loop): with
+    "unrolled" (CPU programs, see `jblip.scan.LAYER_LOOPS`) its params as per-layer buffers, so
+    no step copies a weight slice out of a stack: `loop_llm` when the caller has them
+    (`jblip.layer_buffers`), else split once here, before the prefill."""
+    if layer_loop == "scan":
+        return module, params
+    llm = loop_llm if loop_llm is not None else unstack_params(params["llm"])
+    return module.clone(layer_loop=layer_loop), dict(params, llm=llm)
+
+
 def generate(module: BlipModel, params, static: StaticSampler, rows: RowSampler, pixel_values, input_ids,
-             attention_mask, qformer_ids=None, qformer_mask=None, prepend_queries: bool = False) -> GenerateOutput:
-    """Decode on device. Call through `jax.jit` with `module`, `static`, `prepend_queries` static;
+             attention_mask, qformer_ids=None, qformer_mask=None, prepend_queries: bool = False,
+             layer_loop: str = "scan", loop_llm=None) -> GenerateOutput:
+    """Decode on device. Call through `jax.jit` with `module`, `static`, `prepend_queries` and
+    `layer_loop` (`jblip.scan.LAYER_LOOPS`, from the platform the program runs on) static;
     `rows` (one value per input row, from `jblip.sampling.split`) is traced, so new knob values
-    reuse the compiled program."""
+    reuse the compiled program. `loop_llm`: the LM params already split per layer (see
+    `_loop_model`)."""
     batch = input_ids.shape[0]
     if rows.max_new_tokens.shape != (batch,):
         raise ValueError(f"the sampler's per-row values have shape {rows.max_new_tokens.shape}; "
@@ -235,6 +250,7 @@ def generate(module: BlipModel, params, static: StaticSampler, rows: RowSampler,
     queries = module.apply({"params": params}, pixel_values, qformer_ids, qformer_mask, method=BlipModel.encode_image)
     embeds, mask = module.apply({"params": params}, queries, input_ids, attention_mask, prepend_queries,
                                 method=BlipModel.merge_queries)
+    module, params = _loop_model(module, params, layer_loop, loop_llm)
     logits, lm = start(module, params, embeds, mask, G, dtype)
     history, valid = prompt_history(module, params, input_ids, attention_mask)
 

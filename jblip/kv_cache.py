@@ -20,9 +20,25 @@ AXES = ("layers",) + LAYER_AXES                           # logical names of a s
 BATCH_AXIS = 1                                            # rows of a stacked leaf (beam reorder, repeat)
 
 
-def init(num_layers: int, batch: int, heads: int, max_len: int, head_dim: int, dtype=jnp.float32):
+def init(num_layers: int, batch: int, heads: int, max_len: int, head_dim: int, dtype=jnp.float32,
+         per_layer: bool = False):
+    """Zeroed cache. `per_layer` (the CPU layer loop, `jblip.scan.LAYER_LOOPS`): a tuple of
+    `[1, B, N, S, H]` buffers per k and v instead of one stacked array, so that reading a
+    layer's K/V is a free reshape rather than a copy of its slice out of the stack (XLA:CPU
+    copies dynamic slices before the attention products). Leaves keep `BATCH_AXIS` either way."""
     shape = (num_layers, batch, heads, max_len, head_dim)
+    if per_layer:
+        layer = lambda: _placed(jnp.zeros((1,) + shape[1:], dtype), AXES)
+        return {"k": tuple(layer() for _ in range(num_layers)), "v": tuple(layer() for _ in range(num_layers))}
     return {"k": _placed(jnp.zeros(shape, dtype), AXES), "v": _placed(jnp.zeros(shape, dtype), AXES)}
+
+
+def is_per_layer(cache) -> bool:
+    return isinstance(cache["k"], (tuple, list))
+
+
+def num_layers(cache) -> int:
+    return len(cache["k"]) if is_per_layer(cache) else cache["k"].shape[0]
 
 
 def _placed(buf, axes):
@@ -33,11 +49,31 @@ def _placed(buf, axes):
 
 
 def num_slots(cache) -> int:
-    return cache["k"].shape[3]
+    return (cache["k"][0] if is_per_layer(cache) else cache["k"]).shape[3]
+
+
+def _layer_number(layer) -> int:
+    """A per-layer cache is indexed by a Python int: the unrolled stack's layer number."""
+    try:
+        return int(layer)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError("a per-layer KV cache needs concrete layer numbers (an unrolled layer "
+                         "stack, `jblip.scan.LAYER_LOOPS`), not a scanned index") from None
 
 
 def write_layer(cache, layer, k, v, index):
-    """Store layer `layer`'s k/v [B, T, N, H] at slots index..index+T-1; returns the new stacked cache."""
+    """Store layer `layer`'s k/v [B, T, N, H] at slots index..index+T-1; returns the new cache."""
+    if is_per_layer(cache):
+        i = _layer_number(layer)
+
+        def put_layer(bufs, x):
+            zero = jnp.zeros((), jnp.int32)
+            start = (zero, zero, zero, jnp.asarray(index, jnp.int32), zero)
+            new = _placed(jax.lax.dynamic_update_slice(bufs[i], jnp.swapaxes(x, 1, 2).astype(bufs[i].dtype)[None],
+                                                       start), AXES)
+            return bufs[:i] + (new,) + bufs[i + 1:]
+        return {"k": put_layer(tuple(cache["k"]), k), "v": put_layer(tuple(cache["v"]), v)}
+
     def put(buf, x):
         x = jnp.swapaxes(x, 1, 2).astype(buf.dtype)[None]         # [1, B, N, T, H]
         zero = jnp.zeros((), jnp.int32)
@@ -48,6 +84,10 @@ def write_layer(cache, layer, k, v, index):
 
 def read_layer(cache, layer):
     """Layer `layer`'s (k, v), each [B, N, S, H]."""
+    if is_per_layer(cache):
+        i = _layer_number(layer)
+        return _placed(cache["k"][i][0], LAYER_AXES), _placed(cache["v"][i][0], LAYER_AXES)
+
     def get(buf):
         return _placed(jax.lax.dynamic_index_in_dim(buf, layer, axis=0, keepdims=False), LAYER_AXES)
     return get(cache["k"]), get(cache["v"])

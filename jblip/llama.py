@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from jblip import kv_cache
 from jblip.config import LlamaConfig
@@ -108,12 +109,14 @@ class LlamaModel(DecoderOnlyLM):
     param_dtype: Dtype = jnp.float32
     quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"  # named policy, see jblip.scan
+    layer_loop: str = "scan"  # "unrolled": per-layer param buffers (jblip.scan.LAYER_LOOPS)
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = Embed(c.vocab_rows, c.hidden_size, ("vocab", "embed"), **kw)
         broadcast = (nn.broadcast,) * 4  # cos, sin, bias, slot: the same for every layer
-        self.layers = stack(LlamaBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat)(c, quant=self.quant, **kw)
+        self.layers = stack(LlamaBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat,
+                            unrolled=self.layer_loop == "unrolled")(c, quant=self.quant, **kw)
         self.norm = LayerNorm(eps=c.rms_norm_eps, rms=True, use_bias=False, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = LMHead(c.hidden_size, c.vocab_rows, quant=self.quant, **kw)
@@ -123,7 +126,8 @@ class LlamaModel(DecoderOnlyLM):
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         c = self.config
-        return kv_cache.init(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, dtype)
+        return kv_cache.init(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, dtype,
+                             per_layer=self.layer_loop == "unrolled")
 
     def decode(self, embeds, positions, key_mask, cache=None, slot=0):
         """embeds [B,T,D]; positions [B,T] RoPE positions; key_mask [B,S] valid key slots
@@ -134,7 +138,7 @@ class LlamaModel(DecoderOnlyLM):
         bias = causal_bias(jnp.broadcast_to(slot + jnp.arange(T), (B, T)), key_mask)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         x = embeds.astype(self.dtype)
-        (x, cache), _ = self.layers((x, cache), jnp.arange(c.num_layers), cos, sin, bias, slot)
+        (x, cache), _ = self.layers((x, cache), np.arange(c.num_layers), cos, sin, bias, slot)
         return self.norm(x), cache
 
     def head(self, hidden):

@@ -37,6 +37,7 @@ class BlipModel(nn.Module):
     (training), not part of the architecture."""
     config: ModelConfig
     remat: str = "none"
+    layer_loop: str = "scan"  # the language model's stacks: jblip.scan.LAYER_LOOPS
 
     def setup(self):
         c, p = self.config, self.config.precision
@@ -50,7 +51,8 @@ class BlipModel(nn.Module):
         self.projection = Linear((c.qformer.hidden_size,), (c.text.hidden_size,), ("qf_embed", "embed"),
                                  use_bias=True, dtype=jnp.dtype(p.qformer), param_dtype=param_dtype)
         self.llm = language_model_class(c.family)(c.text, dtype=jnp.dtype(p.text), param_dtype=param_dtype,
-                                                  remat=self.remat, quant=quant and quant.for_tower("llm"))
+                                                  remat=self.remat, layer_loop=self.layer_loop,
+                                                  quant=quant and quant.for_tower("llm"))
 
     @property
     def is_encoder_decoder(self) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from jblip import kv_cache
 from jblip.config import OPTConfig
@@ -107,6 +108,7 @@ class OPTModel(DecoderOnlyLM):
     param_dtype: Dtype = jnp.float32
     quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"  # named policy, see jblip.scan
+    layer_loop: str = "scan"  # "unrolled": per-layer param buffers (jblip.scan.LAYER_LOOPS)
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -121,7 +123,8 @@ class OPTModel(DecoderOnlyLM):
             self.project_out = Linear((c.hidden_size,), (c.word_embed_proj_dim,), ("embed", "embed"),
                                       use_bias=False, quant=self.quant, **kw)
         broadcast = (nn.broadcast,) * 2  # bias, slot: the same for every layer
-        self.layers = stack(OPTBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat)(c, quant=self.quant, **kw)
+        self.layers = stack(OPTBlock, c.num_layers, in_axes=(0,) + broadcast, remat=self.remat,
+                            unrolled=self.layer_loop == "unrolled")(c, quant=self.quant, **kw)
         # HF (and metaseq) have a final norm only in the pre-LN variant.
         if c.do_layer_norm_before:
             self.final_layer_norm = LayerNorm(eps=c.layer_norm_eps, **kw)
@@ -132,7 +135,8 @@ class OPTModel(DecoderOnlyLM):
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         c = self.config
-        return kv_cache.init(c.num_layers, batch, c.num_heads, max_len, c.head_dim, dtype)
+        return kv_cache.init(c.num_layers, batch, c.num_heads, max_len, c.head_dim, dtype,
+                             per_layer=self.layer_loop == "unrolled")
 
     def decode(self, embeds, positions, key_mask, cache=None, slot=0):
         """embeds [B,T,word_embed_proj_dim]; positions [B,T] 0-based (pads: any); key_mask [B,S]
@@ -146,7 +150,7 @@ class OPTModel(DecoderOnlyLM):
         if c.word_embed_proj_dim != c.hidden_size:
             x = self.project_in(x)
         x = x + self.embed_positions(positions.astype(jnp.int32) + POSITION_OFFSET)
-        (x, cache), _ = self.layers((x, cache), jnp.arange(c.num_layers), bias, slot)
+        (x, cache), _ = self.layers((x, cache), np.arange(c.num_layers), bias, slot)
         if c.do_layer_norm_before:
             x = self.final_layer_norm(x)
         return x, cache
@@ -166,8 +170,8 @@ class OPTModel(DecoderOnlyLM):
                              f"got {embeds.shape}")
         if positions.shape != embeds.shape[:2]:
             raise ValueError(f"positions must be [B,T]={embeds.shape[:2]}, got {positions.shape}")
-        if cache is not None and cache["k"].shape[0] != c.num_layers:
-            raise ValueError(f"cache has {cache['k'].shape[0]} layers, the model {c.num_layers}")
+        if cache is not None and kv_cache.num_layers(cache) != c.num_layers:
+            raise ValueError(f"cache has {kv_cache.num_layers(cache)} layers, the model {c.num_layers}")
         keys = embeds.shape[1] if cache is None else kv_cache.num_slots(cache)
         if key_mask.shape != (embeds.shape[0], keys):
             raise ValueError(f"key_mask must be [B,S]=({embeds.shape[0]}, {keys}) "

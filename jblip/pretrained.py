@@ -15,8 +15,10 @@ from jblip import families, sharding
 from jblip.config import ModelConfig, Precision
 from jblip.generate import GenerateOutput
 from jblip.generate import generate as generate_tokens
+from jblip.layer_buffers import layer_views
 from jblip.model import BlipModel, abstract_params
 from jblip.sampling import SamplerConfig, bucket, longest_output, split
+from jblip.scan import LAYER_LOOPS, layer_loop_for
 
 
 class InputError(ValueError):
@@ -64,10 +66,15 @@ def _placed(value, target, abstract):
 class VisionLanguageModel:
     """A config, a params pytree and jitted entry points for one InstructBLIP / BLIP-2 model."""
 
-    def __init__(self, config: ModelConfig, params, path: str | None = None, mesh=None, rules=None):
+    def __init__(self, config: ModelConfig, params, path: str | None = None, mesh=None, rules=None,
+                 layer_loop: str | None = None):
         """With a `mesh` (`jblip.sharding.make_mesh`), params live sharded on it per `rules`
         (default `sharding.LOGICAL_RULES`); params not yet placed are placed here (and the LM
-        vocabulary padded, see `sharding.pad_vocab`). Entry points then run on the mesh."""
+        vocabulary padded, see `sharding.pad_vocab`). Entry points then run on the mesh.
+        `layer_loop`: how the decode loop walks the LM's layers (`jblip.scan.LAYER_LOOPS`);
+        None picks the one for the platform the model runs on."""
+        if layer_loop is not None and layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, got {layer_loop!r}")
         self.mesh = mesh
         self.rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
         self.param_shardings = None
@@ -77,10 +84,29 @@ class VisionLanguageModel:
             self.param_shardings = sharding.param_shardings(boxed, mesh, self.rules)
             params = jax.tree_util.tree_map(_placed, params, self.param_shardings, nn.unbox(boxed))
         self.config = config
-        self.params = params
+        self.params = params  # (the setter also drops buffers derived from the old params)
         self.module = BlipModel(config)
         self.path = path
+        self.layer_loop = layer_loop or layer_loop_for(self.platform)
         self._entries = {}
+
+    @property
+    def params(self):
+        return self._params
+
+    @params.setter
+    def params(self, params):
+        self._params = params
+        self._loop_llm = None
+
+    def _decode_llm_params(self):
+        """The LM params the decode loop reads, for CPU programs: per-layer buffers aliasing the
+        stacks (`jblip.layer_buffers`), made once. None elsewhere (the program uses the stacks)."""
+        if self.layer_loop != "unrolled" or self.platform != "cpu":
+            return None
+        if self._loop_llm is None:
+            self._loop_llm = layer_views(self.params["llm"])
+        return self._loop_llm
 
     def __repr__(self):
         return f"VisionLanguageModel({self.config.name!r}, family={self.config.family}, type={self.config.model_type})"
@@ -107,6 +133,12 @@ class VisionLanguageModel:
             v = np.asarray(v)
             return sharding.place(v.astype(jax.dtypes.canonicalize_dtype(v.dtype), copy=False), target)
         return {k: put(v) for k, v in inputs.items()}
+
+    @property
+    def platform(self) -> str:
+        """The platform the entry points compile for: the mesh's devices, else the default device."""
+        devices = self.mesh.devices.flat if self.mesh is not None else jax.devices()
+        return next(iter(devices)).platform
 
     def sharding_context(self):
         """Context for tracing jitted calls: activation constraints take effect on the mesh."""
@@ -205,8 +237,11 @@ class VisionLanguageModel:
 
     @functools.cached_property
     def _generate_jit(self):
-        def run(params, static, rows, prepend_queries, **inputs):
-            return generate_tokens(self.module, params, static, rows, prepend_queries=prepend_queries, **inputs)
+        layer_loop = self.layer_loop
+
+        def run(params, loop_llm, static, rows, prepend_queries, **inputs):
+            return generate_tokens(self.module, params, static, rows, prepend_queries=prepend_queries,
+                                   layer_loop=layer_loop, loop_llm=loop_llm, **inputs)
         return jax.jit(run, static_argnames=("static", "prepend_queries"))
 
     def generate(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
@@ -239,7 +274,7 @@ class VisionLanguageModel:
                                         attention_mask=np.asarray(mask, np.int32), qformer_ids=q_ids,
                                         qformer_mask=q_mask))
         with self.sharding_context():
-            out = self._generate_jit(self.params, static, rows, prepend, **inputs)
+            out = self._generate_jit(self.params, self._decode_llm_params(), static, rows, prepend, **inputs)
         width = longest_output(cfg)  # the program's output is as wide as its bucketed cap
         return out if width == out.tokens.shape[1] else out._replace(tokens=out.tokens[:, :width])
 
@@ -316,7 +351,8 @@ def resolve_path(path_or_id: str) -> str:
 def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
                     progress: Callable[[int, int, str], None] | None = None,
                     mesh=None, rules=None, quantize: str | None = None,
-                    quantize_towers: tuple[str, ...] = ("llm",), group_size: int = 128) -> VisionLanguageModel:
+                    quantize_towers: tuple[str, ...] = ("llm",), group_size: int = 128,
+                    layer_loop: str | None = None) -> VisionLanguageModel:
     """Load a HF-format InstructBLIP / BLIP-2 checkpoint directory (or hub id).
 
     With a `mesh` (`jblip.sharding.make_mesh`), each tensor goes straight from the
@@ -330,6 +366,10 @@ def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
     `quantize_towers` ("llm", "vision"), applied as each tensor is read, so the float model
     is never held whole (`jblip.quantization`; int4 in groups of `group_size` along the
     contracted axis). Activations stay in the precision's compute dtype.
+
+    `layer_loop` ("scan" or "unrolled", `jblip.scan.LAYER_LOOPS`): how the decode loop walks
+    the LLM's layers; default: "unrolled" on CPU (a faster step, a longer first compile),
+    "scan" elsewhere.
     """
     from jblip.convert.load import load_params
     from jblip.quantization import Quantization
@@ -337,6 +377,6 @@ def load_pretrained(path_or_id: str, precision: Precision | str = "float32",
     path = resolve_path(path_or_id)
     quantization = Quantization.parse(quantize, group_size, quantize_towers)
     config, params = load_params(path, precision, mesh, rules, progress=progress, quantization=quantization)
-    return VisionLanguageModel(config, params, path, mesh=mesh, rules=rules)
+    return VisionLanguageModel(config, params, path, mesh=mesh, rules=rules, layer_loop=layer_loop)
 
 

@@ -18,6 +18,7 @@ import math
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from jblip import kv_cache
 from jblip.config import T5Config
@@ -188,6 +189,7 @@ class T5Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"
+    layer_loop: str = "scan"  # "unrolled": per-layer param buffers (jblip.scan.LAYER_LOOPS)
 
     @nn.compact
     def __call__(self, embeds, mask):
@@ -197,7 +199,8 @@ class T5Encoder(nn.Module):
         bias = RelativePositionBias(c, bidirectional=True, param_dtype=self.param_dtype,
                                     name="relative_attention_bias")(positions, positions)
         bias = bias + key_padding_bias(mask)
-        layers = stack(T5EncoderLayer, c.num_layers, in_axes=(nn.broadcast,), remat=self.remat)
+        layers = stack(T5EncoderLayer, c.num_layers, in_axes=(nn.broadcast,), remat=self.remat,
+                       unrolled=self.layer_loop == "unrolled")
         x, _ = layers(c, name="layers", quant=self.quant, **kw)(embeds.astype(self.dtype), bias)
         return _norm(c, name="final_norm", **kw)(x)
 
@@ -208,13 +211,15 @@ class T5Decoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"
+    layer_loop: str = "scan"  # "unrolled": per-layer param buffers (jblip.scan.LAYER_LOOPS)
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # HF keeps this table in block 0; every layer uses it, so it is computed once, out of the scan
         self.relative_attention_bias = RelativePositionBias(c, bidirectional=False, param_dtype=self.param_dtype)
         in_axes = (0, 0) + (nn.broadcast,) * 4  # layer, cross | enc_out, self_bias, cross_bias, slot
-        self.layers = stack(T5DecoderLayer, c.num_decoder_layers, in_axes=in_axes, remat=self.remat)(c, quant=self.quant, **kw)
+        self.layers = stack(T5DecoderLayer, c.num_decoder_layers, in_axes=in_axes, remat=self.remat,
+                            unrolled=self.layer_loop == "unrolled")(c, quant=self.quant, **kw)
         self.final_norm = _norm(c, **kw)
 
     def __call__(self, x, enc_mask, cache, slot, enc_out=None, cross=None):
@@ -228,7 +233,7 @@ class T5Decoder(nn.Module):
                      + causal_bias(jnp.broadcast_to(query_positions, (B, T)), jnp.ones((B, num_keys), bool)))
         cross_bias = key_padding_bias(enc_mask)
         L = self.config.num_decoder_layers
-        (x, cache), new_cross = self.layers((x.astype(self.dtype), cache), jnp.arange(L), cross, enc_out,
+        (x, cache), new_cross = self.layers((x.astype(self.dtype), cache), np.arange(L), cross, enc_out,
                                             self_bias, cross_bias, slot)
         return self.final_norm(x), cache, (cross if cross is not None else new_cross)
 
@@ -240,14 +245,15 @@ class T5Model(LanguageModel):
     param_dtype: Dtype = jnp.float32
     quant: Quantization | None = None  # weight-only kernels (jblip.quantization)
     remat: str = "none"  # named policy, see jblip.scan
+    layer_loop: str = "scan"  # of both stacks: jblip.scan.LAYER_LOOPS
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if jnp.dtype(self.dtype) == jnp.float16:
             raise ValueError("T5 activations overflow float16; use float32 or bfloat16")
         self.shared = Embed(c.vocab_rows, c.d_model, ("vocab", "embed"), **kw)
-        self.encoder = T5Encoder(c, remat=self.remat, quant=self.quant, **kw)
-        self.decoder = T5Decoder(c, remat=self.remat, quant=self.quant, **kw)
+        self.encoder = T5Encoder(c, remat=self.remat, layer_loop=self.layer_loop, quant=self.quant, **kw)
+        self.decoder = T5Decoder(c, remat=self.remat, layer_loop=self.layer_loop, quant=self.quant, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = LMHead(c.d_model, c.vocab_rows, quant=self.quant, **kw)
 
@@ -310,7 +316,8 @@ class T5Model(LanguageModel):
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         c = self.config
-        return kv_cache.init(c.num_decoder_layers, batch, c.num_heads, max_len, c.d_kv, dtype)
+        return kv_cache.init(c.num_decoder_layers, batch, c.num_heads, max_len, c.d_kv, dtype,
+                             per_layer=self.layer_loop == "unrolled")
 
     def _start_ids(self, batch: int):
         return jnp.full((batch, 1), self.config.decoder_start_token_id, jnp.int32)

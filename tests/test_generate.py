@@ -118,6 +118,24 @@ def test_batch_invariance_and_single_compile_per_bucket(setup):
     assert model._generate_jit._cache_size() == before + 1
 
 
+def test_both_layer_loops_decode_alike(setup):
+    """CPU programs decode over per-layer weight buffers, accelerators over the stacked scan
+    (`jblip.scan.LAYER_LOOPS`): the same tokens and scores, whichever the platform picks."""
+    family, hf, model, inputs, eos = setup
+    assert model.layer_loop == "unrolled"  # the CPU choice; the HF tests above ran through it
+    scanned = jblip.VisionLanguageModel(model.config, model.params, layer_loop="scan")
+    cases = [dict(), dict(strategy="beam", num_beams=3, num_return_sequences=2, repetition_penalty=1.5),
+             dict(strategy="sample", temperature=1.3, top_p=0.9, seed=5)]
+    for options in cases:
+        a = model.generate(**inputs, max_new_tokens=NEW, eos_token_ids=(eos,), pad_token_id=0, **options)
+        b = scanned.generate(**inputs, max_new_tokens=NEW, eos_token_ids=(eos,), pad_token_id=0, **options)
+        np.testing.assert_array_equal(a.tokens, b.tokens, err_msg=str(options))
+        np.testing.assert_array_equal(a.lengths, b.lengths)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="layer_loop must be one of"):
+        jblip.VisionLanguageModel(model.config, model.params, layer_loop="python")
+
+
 def test_argmax_matches_jnp_argmax_with_ties_and_nans():
     from jblip.processors import argmax
     scores = np.array([[1.0, 3.0, 3.0, 0.0], [-np.inf] * 4, [0.0, np.nan, 5.0, np.nan], [2.0, 1.0, 0.0, 2.0]],

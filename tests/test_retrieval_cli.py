@@ -16,16 +16,22 @@ PICKS = [(c, s, side, b) for k, (c, s) in enumerate([(c, s) for c in ("red", "gr
          for side, b in [(("left", "right")[k % 2], ("white", "grey", "black")[k % 3])]]
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scenes")
-    rng = np.random.default_rng(99)
+def draw_scenes(root, picks=PICKS, seed: int = 99) -> dict[str, str]:
+    """Each pick drawn at 64 px into `root` as colour_shape_side_background.png: {file name: caption}."""
+    rng = np.random.default_rng(seed)
     names = {}
-    for combo in PICKS:
+    for combo in picks:
         scene = retrieval_demo.scene_for(*combo, 64, rng)
         name = "_".join(combo) + ".png"
         retrieval_demo.synthetic.draw_scene(scene, 64).save(root / name)
         names[name] = retrieval_demo.caption(scene, 64)
+    return names
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    names = draw_scenes(root)
     (root / "broken.png").write_bytes(b"not a png at all")
     return root, names
 

@@ -19,10 +19,10 @@ EOS, TOKEN = 2, 7
 
 
 class ScriptedProgram:
-    """Each answer is `max_new_tokens` tokens (TOKEN..., then EOS), one token per step."""
+    """Each answer is `max_new_tokens` tokens (`token`..., then EOS), one token per step."""
 
-    def __init__(self, num_slots=4, step_s=0.002):
-        self.num_slots, self.step_s = num_slots, step_s
+    def __init__(self, num_slots=4, step_s=0.002, token=TOKEN):
+        self.num_slots, self.step_s, self.token = num_slots, step_s, token
         self.target = np.zeros(num_slots, int)
         self.made = np.zeros(num_slots, int)
         self.live = np.zeros(num_slots, bool)
@@ -39,7 +39,7 @@ class ScriptedProgram:
 
     def step(self):
         time.sleep(self.step_s)
-        tokens = np.full((self.num_slots, 1), TOKEN)
+        tokens = np.full((self.num_slots, 1), self.token)
         self.made[self.live] += 1
         done = self.live & (self.made >= self.target)
         tokens[done, 0] = EOS

@@ -23,6 +23,7 @@ import numpy as np
 from jblip.image_processing import ImageProcessor
 from jblip.retrieval.config import DEMO_RETRIEVAL
 from jblip.retrieval.model import RetrievalModel, init_params, itc_similarity
+from jblip.retrieval.k_test import pairs_per_image, score_matrices, top_candidates
 from jblip.retrieval.metrics import retrieval_metrics
 from jblip.text_processing import TextTokenizer
 from jblip.train import synthetic, trainable
@@ -118,14 +119,12 @@ def evaluate(module, params, processor, tokenizer, size, seed, width, k_test: in
     truth = list(range(n))
     out = {f"itc_{k}": v for k, v in retrieval_metrics(sim, sim.T, truth, [[i] for i in truth]).items()}
     states = apply(RetrievalModel.vision_states, pixels)
-    itm = jax.jit(lambda p, s, i, m: module.apply({"params": p}, s, i, m, method=RetrievalModel.itm_logits))
-    i2t, t2i = np.full((n, n), -100.0), np.full((n, n), -100.0)
-    for i in range(n):  # each image's top texts, then each text's top images (LAVIS k_test)
-        top = np.argsort(-sim[i])[:k_test]
-        i2t[i, top] = np.asarray(itm(params, np.repeat(states[i:i + 1], k_test, 0), ids[top], mask[top]))[:, 1] + sim[i, top]
-        top = np.argsort(-sim[:, i])[:k_test]
-        t2i[i, top] = np.asarray(itm(params, states[top], np.repeat(ids[i:i + 1], k_test, 0),
-                                     np.repeat(mask[i:i + 1], k_test, 0)))[:, 1] + sim[top, i]
+    i2t, t2i = top_candidates(sim, k_test)  # each image's top texts and each text's top images (LAVIS k_test)
+    pairs = pairs_per_image(i2t, t2i, n)
+    pi = np.concatenate([np.full(len(p), i) for i, p in enumerate(pairs)])
+    pt = np.concatenate(pairs)
+    logits = apply(RetrievalModel.itm_logits, states[pi], ids[pt], mask[pt])[:, 1]
+    i2t, t2i = score_matrices(sim, i2t, t2i, pi, pt, logits)
     out.update({f"itm_{k}": v for k, v in retrieval_metrics(i2t, t2i, truth, [[i] for i in truth]).items()})
     return out
 

@@ -14,9 +14,9 @@ On several processes (`--distributed`, or a program that has called
 the images of its share of each batch's rows, and the model runs on the global
 batch over a mesh spanning every process. Process i appends its records to
 `OUT.p<i>of<n>`; when all are done, process 0 moves the records it does not
-have yet into OUT and removes the parts, so an interrupted run (any process)
-resumes from OUT plus the parts (with any process count), and every image ends
-in OUT exactly once.
+have yet into OUT and removes the parts (jblip/commands/process_outputs.py), so
+an interrupted run (any process) resumes from OUT plus the parts (with any
+process count), and every image ends in OUT exactly once.
 
 `--videos DIR_OR_GLOB --frames T` captions video files instead (T frames sampled from each, see
 `jblip.video_processing`); their records name the video in the same `image` field.
@@ -30,9 +30,10 @@ import time
 
 import numpy as np
 
-from jblip.commands.caption_output import CaptionOutput, image_key, read_done, read_records
+from jblip.commands.caption_output import CaptionFiles, image_key
 from jblip.commands.common import (add_decoding_arguments, add_model_arguments, checkpoint_path, decoding_options,
                                    load_model, planned_new_tokens)
+from jblip.commands.process_outputs import ProcessOutputs
 from jblip.image_batches import ImageBatches
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -120,63 +121,12 @@ def run(args) -> int:
         jax.distributed.initialize()
     hosts = Hosts.current()
     hosts.share(args.batch_size)  # a batch size the processes cannot split is refused before any work
-    with ProcessOutputs(args.out, hosts) as out:  # checked whole and locked before anything else happens
+    # checked whole and locked before anything else happens
+    with ProcessOutputs(args.out, hosts, CaptionFiles, "caption") as out:
         code = _run(args, paths, out, hosts)
         if code == 0:
-            out.merge()
+            out.merge(paths)
         return code
-
-
-class ProcessOutputs:
-    """The caption files of this run: OUT on one process; on several, this process's part file
-    (and OUT, held by process 0), with `done` = every image in OUT or in any part."""
-
-    def __init__(self, path: str, hosts):
-        self.path, self.hosts = path, hosts
-        self.main = CaptionOutput(path) if hosts.index == 0 else None
-        self.part = CaptionOutput(part_path(path, hosts.index, hosts.count)) if hosts.count > 1 else None
-
-    def __enter__(self):
-        for output in filter(None, (self.main, self.part)):
-            output.__enter__()
-        self.hosts.barrier("jblip-caption-opened")  # each part checked (its partial last line cut) by its owner
-        self.done = self.main.done if self.main else read_done(self.path)
-        for part in part_files(self.path):  # any process count's: a rerun may use another one
-            self.done |= read_done(part)
-        self.hosts.barrier("jblip-caption-read")  # nobody writes before everybody has read
-        return self
-
-    def write(self, records):
-        (self.part or self.main).write(records)
-
-    def merge(self):
-        """Process 0 moves the parts' records that OUT lacks into OUT, then removes the parts."""
-        if self.hosts.count == 1:
-            return
-        self.hosts.barrier("jblip-caption-written")
-        if self.main is not None:
-            have = read_done(self.path)
-            parts = part_files(self.path)
-            for part in parts:
-                records = [r for r in read_records(part) if image_key(r["image"]) not in have]
-                self.main.write((r["image"], r["caption"]) for r in records)
-                have.update(image_key(r["image"]) for r in records)
-            for part in parts:
-                os.remove(part)
-        self.hosts.barrier("jblip-caption-merged")
-
-    def __exit__(self, *exc):
-        for output in filter(None, (self.part, self.main)):
-            output.close()
-
-
-def part_path(out: str, index: int, count: int) -> str:
-    return f"{out}.p{index}of{count}"
-
-
-def part_files(out: str) -> list[str]:
-    """Every process's part file of OUT, whatever the process count of the run that wrote it."""
-    return sorted(glob.glob(glob.escape(out) + ".p*of*"))
 
 
 def _run(args, paths: list[str], out: ProcessOutputs, hosts) -> int:

@@ -159,3 +159,18 @@ class CaptionOutput:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class CaptionFiles:
+    """The caption file as a `jblip.commands.process_outputs` store: records are (image, caption)."""
+    open = CaptionOutput
+    read_done = staticmethod(read_done)
+    remove = staticmethod(os.remove)
+
+    @staticmethod
+    def read_records(path: str) -> list[tuple[str, str]]:
+        return [(r["image"], r["caption"]) for r in read_records(path)]
+
+    @staticmethod
+    def key(record) -> str:
+        return image_key(record[0])

@@ -13,6 +13,10 @@ same command on the same files: each reads the images of its share of every
 batch, the model is sharded over --mesh across all of them, each appends its
 share's predictions to its own file in OUT (which must be shared storage), and
 process 0 merges them and scores. A rerun with any process count resumes.
+
+The retrieval tasks (flickr30k, coco-retrieval) take a BLIP-2 retrieval checkpoint as --model
+(default: the bundled demo retrieval model) and run on one process
+(jblip/evaluation/retrieval_runner.py).
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ from jblip.processing import DEFAULT_MAX_LENGTH
 def add_arguments(parser):
     from jblip.evaluation import TASKS
     add_model_arguments(parser)
+    model = next(a for a in parser._actions if a.dest == "model")
+    model.help += ("; for the retrieval tasks a BLIP-2 retrieval checkpoint (default: the bundled demo "
+                   "retrieval model)")
     parser.add_argument("--task", required=True, choices=list(TASKS),
                         help="; ".join(f"{n}: {t.summary}" for n, t in TASKS.items()))
     parser.add_argument("--data", required=True, nargs="+", metavar="FILE",
@@ -35,8 +42,8 @@ def add_arguments(parser):
     parser.add_argument("--images", required=True, metavar="DIR", help="folder with the benchmark's images")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder; resumed from if it holds predictions of an earlier run")
-    parser.add_argument("--split", help="split to evaluate for files holding several (scienceqa, coco-karpathy; "
-                                        "default test)")
+    parser.add_argument("--split", help="split to evaluate for files holding several (scienceqa, coco-karpathy, "
+                                        "Karpathy files for the retrieval tasks; default test)")
     parser.add_argument("--mesh", metavar="SPEC", help="shard the model over a device mesh, e.g. data=2,fsdp=4 "
                                                        "(default: one device)")
     parser.add_argument("--distributed", action="store_true",
@@ -58,11 +65,18 @@ def add_arguments(parser):
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                    help=f"longest prompt in tokens, longer ones keep their end (default {DEFAULT_MAX_LENGTH}, as LAVIS)")
+    g.add_argument("--k-test", type=int, help="retrieval tasks: candidates per query re-ranked with the ITM head "
+                                              "(default 128, as LAVIS)")
+
+GENERATION_ONLY = {"prompt": "--prompt", "num_beams": "--beams", "max_new_tokens": "--max-new-tokens",
+                   "min_new_tokens": "--min-new-tokens", "length_penalty": "--length-penalty",
+                   "repetition_penalty": "--repetition-penalty", "quantize": "--quantize"}
 
 
 def run(args) -> int:
     from jblip.evaluation import make_task
     from jblip.evaluation.hosts import Hosts
+    from jblip.evaluation.retrieval import RetrievalTask
     from jblip.evaluation.runner import check_unique, finish, predict
     from jblip.processing import Processor
 
@@ -72,6 +86,10 @@ def run(args) -> int:
     hosts = Hosts.current()
 
     task = make_task(args.task, args.split)
+    if isinstance(task, RetrievalTask):
+        return _run_retrieval(args, task, hosts)
+    if args.k_test is not None:
+        raise ValueError(f"--k-test applies to the retrieval tasks, not to {task.name}")
     examples = task.load(args.data, args.images)
     if args.limit is not None:
         examples = examples[:max(args.limit, 0)]
@@ -102,6 +120,41 @@ def run(args) -> int:
         return 0  # process 0 writes the results and the score
     metrics, summary = finish(task, examples, records, args.out)
     for note in (metrics or {}).get("notes", []):
+        print(f"eval: note: {note}", file=sys.stderr)
+    print(summary)
+    return 0
+
+
+def _run_retrieval(args, task, hosts) -> int:
+    from jblip.commands.retrieval_common import load_engine
+    from jblip.evaluation.retrieval import MAX_TEXT_TOKENS
+    from jblip.evaluation.retrieval_runner import evaluate_retrieval
+    given = [flag for name, flag in GENERATION_ONLY.items() if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} do not apply to the retrieval task {task.name}")
+    if hosts.count > 1:
+        raise ValueError(f"the retrieval task {task.name} runs on one process (--mesh shards it over that "
+                         "process's devices)")
+    k_test = task.k_test if args.k_test is None else args.k_test
+    if k_test < 1:
+        raise ValueError(f"--k-test must be >= 1, got {k_test}")
+    data = task.load(args.data, args.images)
+    if args.limit is not None:
+        data = data.first(args.limit)
+    if not data.images:
+        raise ValueError("no images to evaluate")
+    mesh = None
+    if args.mesh:
+        from jblip.sharding import make_mesh
+        mesh = make_mesh(args.mesh)
+    engine = load_engine(args.model, args.batch_size, precision=args.precision, mesh=mesh)
+    engine.max_text_length = min(MAX_TEXT_TOKENS, engine.config.qformer.max_position_embeddings)
+    try:
+        metrics, summary = evaluate_retrieval(task, data, engine, args.out, k_test, args.workers)
+    except KeyboardInterrupt:
+        print("eval: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    for note in metrics.get("notes", []):
         print(f"eval: note: {note}", file=sys.stderr)
     print(summary)
     return 0

@@ -1,5 +1,5 @@
-"""What `jblip index` and `jblip search` share: the retrieval model to load (default: the bundled
-demo retrieval model) and image decoding that reports instead of stopping."""
+"""What `jblip index`, `jblip search`, `jblip serve --index` and the retrieval tasks of `jblip eval` share:
+the retrieval model to load (default: the bundled demo retrieval model) and an index opened for search."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,7 @@ def add_retrieval_model_argument(parser):
     parser.add_argument("--batch-size", type=int, default=16)
 
 
-def load_engine(path: str | None, batch_size: int = 16):
+def load_engine(path: str | None, batch_size: int = 16, **options):
     from jblip.commands.common import enable_compilation_cache
     from jblip.retrieval.engine import RetrievalEngine
     if batch_size < 1:
@@ -25,14 +25,13 @@ def load_engine(path: str | None, batch_size: int = 16):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no retrieval checkpoint folder at {path}")
     enable_compilation_cache()
-    return RetrievalEngine.from_pretrained(path, batch_size=batch_size)
+    return RetrievalEngine.from_pretrained(path, batch_size=batch_size, **options)  # precision, mesh, ...
 
 
-def load_pixels(engine, path: str):
-    """(pixels [S, S, 3], None) or (None, reason)."""
-    try:
-        return engine.image_processor.preprocess_one(path, path), None
-    except (ValueError, OSError) as e:
-        return None, str(e)
-    except Exception as e:  # an unexpected decoder failure must not stop a long run
-        return None, f"cannot read image {path}: {type(e).__name__}: {e}"
+def open_index(directory: str, model: str | None = None, batch_size: int = 16):
+    """An `IndexSearch` over the index in `directory`, with `model` or else the model the index
+    was built with (recorded in its index.json; the bundled demo when none is recorded)."""
+    from jblip.retrieval.index_search import IndexSearch
+    from jblip.retrieval.index_store import read_index
+    meta, paths, emb = read_index(directory)
+    return IndexSearch(load_engine(model or meta.get("model"), batch_size), meta, paths, emb, directory)

@@ -15,7 +15,8 @@ import sys
 
 import numpy as np
 
-from jblip.commands.retrieval_common import add_retrieval_model_argument, load_engine, load_pixels
+from jblip.commands.retrieval_common import add_retrieval_model_argument, load_engine, open_index
+from jblip.image_batches import load_or_error
 
 
 def add_arguments(parser):
@@ -66,19 +67,13 @@ def run(args) -> int:
 
 
 def _text_to_image(args) -> int:
-    from jblip.retrieval.index_store import read_index
-    meta, paths, emb = read_index(args.index)
-    engine = load_engine(args.model or meta.get("model"), args.batch_size)
-    if (meta.get("num_query_tokens"), meta.get("embed_dim")) != (engine.config.num_query_tokens, engine.config.embed_dim):
-        raise ValueError(f"{args.index} was built with another model ({meta.get('model')})")
-    if not paths:
-        raise ValueError(f"{args.index} is empty")
-    text = engine.text_embeddings([args.text])[0]
-    itc = np.einsum("nqe,e->nq", np.asarray(emb, np.float32), text).max(axis=1)
+    search = open_index(args.index, args.model, args.batch_size)
+    engine, paths = search.engine, search.paths
+    itc = search.itc(args.text)
     scores = {}
     if args.rerank:
         top = [int(i) for i in np.argsort(-itc, kind="stable")[:args.rerank]]
-        loaded = [(i, load_pixels(engine, paths[i])) for i in top]
+        loaded = [(i, load_or_error(engine.image_processor, paths[i])) for i in top]
         for i, (_, error) in loaded:
             if error is not None:
                 print(f"search: cannot re-rank {error}", file=sys.stderr)
@@ -98,7 +93,7 @@ def _image_to_text(args) -> int:
     if not os.path.isfile(args.image):
         raise FileNotFoundError(f"no image file {args.image}")
     engine = load_engine(args.model, args.batch_size)
-    pixels, error = load_pixels(engine, args.image)
+    pixels, error = load_or_error(engine.image_processor, args.image)
     if error is not None:
         raise ValueError(error)
     itc = engine.itc_scores(pixels[None], captions)[0]

@@ -1,4 +1,5 @@
-"""`jblip serve --model M [--host H --port P] [limits]`: an OpenAI-compatible HTTP server.
+"""`jblip serve --model M [--host H --port P] [--index INDEX_DIR] [limits]`: an OpenAI-compatible
+HTTP server (and, with --index, text -> image search over an index of `jblip index`).
 
 Needs the serve extra (pip install 'jblip[serve]'): FastAPI, uvicorn, prometheus_client.
 """
@@ -17,6 +18,12 @@ def add_arguments(parser):
                                                     "folder's name, e.g. 'demo')")
     parser.add_argument("--mesh", help='device mesh for the weights, e.g. "tensor=4" or "fsdp=-1" '
                                        "(default: one device)")
+    g = parser.add_argument_group("search (text -> image over an index built by `jblip index`)")
+    g.add_argument("--index", metavar="INDEX_DIR", help="serve POST /v1/search over this index and a search tab "
+                                                        "in the playground (off by default)")
+    g.add_argument("--retrieval-model", metavar="DIR", help="the retrieval checkpoint to embed queries with "
+                                                            "(default: the one the index was built with, as "
+                                                            "`jblip search`; the bundled demo retrieval model)")
     g = parser.add_argument_group("limits")
     g.add_argument("--max-batch", type=int, default=8, help="most answers decoded at once (default 8)")
     g.add_argument("--max-queue", type=int, default=64,
@@ -71,10 +78,18 @@ def run(args) -> int:
         from jblip.sharding import make_mesh
         mesh = make_mesh(args.mesh)
     enable_compilation_cache()
+    search = None
+    if args.index:  # before the model: a wrong index fails in seconds
+        from jblip.commands.retrieval_common import open_index
+        search = open_index(args.index, args.retrieval_model)
+        search.warm_up()
+        print(f"jblip serve: searching {len(search)} images of {args.index} with {search.engine.path}", file=sys.stderr)
     print(f"jblip serve: loading {path}", file=sys.stderr)
     model = load_pretrained(path, precision=args.precision, mesh=mesh, quantize=args.quantize)
-    app = build_app(model, processor, settings)
+    app = build_app(model, processor, settings, search=search)
     print(f"jblip serve: model {settings.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     print(f"jblip serve: playground on http://{args.host}:{args.port}/", file=sys.stderr)
+    if search is not None:
+        print(f"jblip serve: search on http://{args.host}:{args.port}/v1/search", file=sys.stderr)
     serve(app, args.host, args.port, settings.shutdown_timeout)
     return 0

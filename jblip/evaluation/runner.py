@@ -32,10 +32,10 @@ Generate = Callable[[np.ndarray, list], list]
 
 
 class Progress:
-    """A status line on stderr: done/total, examples per second and the time left."""
+    """A status line on stderr: done/total, examples (or `what`) per second and the time left."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.bad = total, 0, 0
+    def __init__(self, total: int, what: str = "examples"):
+        self.total, self.done, self.bad, self.what = total, 0, 0, what
         self.start = time.perf_counter()
         self.tty = sys.stderr.isatty()
 
@@ -44,7 +44,7 @@ class Progress:
         rate = self.done / max(took, 1e-9)
         left = (self.total - self.done - self.bad) / rate if rate > 0 else float("nan")
         eta = time.strftime("%H:%M:%S", time.gmtime(left)) if np.isfinite(left) else "?"
-        line = (f"eval: {self.done + self.bad}/{self.total} examples, {rate:.2f}/s, ETA {eta}"
+        line = (f"eval: {self.done + self.bad}/{self.total} {self.what}, {rate:.2f}/s, ETA {eta}"
                 + (f", {self.bad} unreadable images" if self.bad else ""))
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 

@@ -9,7 +9,8 @@ Layout: `protocol` (request bodies), `prepare` (body -> engine request, limits),
 `engine` (the engine interface), `batch_engine` (static batching through `generate`),
 `text_stream` (incremental text with stop strings), `metrics` (Prometheus), `app`
 (endpoints), `server` (uvicorn, in the foreground or a background thread), `limits` (GET
-/limits), `playground` (the browser page at GET /, its files in `static/`).
+/limits), `playground` (the browser page at GET /, its files in `static/`), `search` (text ->
+image search over a `jblip index` index, with `--index`).
 """
 from jblip.serve.prepare import ServerSettings
 from jblip.serve.server import BackgroundServer, build_app, run

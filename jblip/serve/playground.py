@@ -1,5 +1,6 @@
 """The browser playground at `GET /`: one static page (HTML, CSS, plain JavaScript shipped as
-package data in `jblip/serve/static/`) that asks this server's own `/v1/chat/completions`.
+package data in `jblip/serve/static/`) that asks this server's own `/v1/chat/completions`, and
+searches its image index (`/v1/search`, `jblip.serve.search`) when it has one.
 
 Only the files listed in `ASSETS` are served (no path from the URL reaches the file system),
 and the page's Content-Security-Policy lets it load nothing from anywhere but this server.
@@ -13,7 +14,8 @@ from fastapi.responses import Response
 
 from jblip.serve.errors import APIError
 
-ASSETS = {"playground.css": "text/css; charset=utf-8", "playground.js": "text/javascript; charset=utf-8"}
+ASSETS = {"playground.css": "text/css; charset=utf-8", "playground.js": "text/javascript; charset=utf-8",
+          "search.js": "text/javascript; charset=utf-8"}
 POLICY = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
           "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 

@@ -16,14 +16,18 @@ import uvicorn
 from jblip.serve.app import create_app
 from jblip.serve.batch_engine import BatchingEngine
 from jblip.serve.prepare import RequestBuilder, ServerSettings
+from jblip.serve.search import search_router
 
 
-def build_app(model, processor, settings: ServerSettings, engine=None):
-    """The ASGI app for a loaded model and its processor (engine: `BatchingEngine` by default)."""
+def build_app(model, processor, settings: ServerSettings, engine=None, search=None):
+    """The ASGI app for a loaded model and its processor (engine: `BatchingEngine` by default);
+    `search`: an `IndexSearch` for the text -> image search endpoints (`jblip.serve.search`)."""
     pad = processor.tokenizer.special_id("pad_token")
     pad = pad if pad is not None else max(getattr(model.config.text, "pad_token_id", 0), 0)
     engine = engine or BatchingEngine(model, settings.max_batch, settings.max_queue, pad)
-    return create_app(engine, RequestBuilder(model, processor, settings), settings)
+    app = create_app(engine, RequestBuilder(model, processor, settings), settings)
+    app.include_router(search_router(search))
+    return app
 
 
 def default_model_name(path: str) -> str:

@@ -7,9 +7,8 @@ const $ = (id) => document.getElementById(id);
 const state = { limits: null, image: null, controller: null };
 
 // ------------------------------------------------------------------------ tabs
-// The page has one panel today. Another feature (e.g. text-to-image retrieval) adds its
-// <section class="panel"> to index.html and calls addTab(label, panel); the tab bar
-// appears once there are two.
+// Each feature has its <section class="panel"> in index.html and calls addTab(label, panel)
+// (search.js does, when the server has an index); the tab bar appears once there are two.
 const tabs = [];
 
 function addTab(label, panel) {
@@ -32,7 +31,7 @@ function showTab(panel) {
   }
 }
 
-window.jblipPlayground = { addTab };
+window.jblipPlayground = { addTab, errorMessage };
 
 // ------------------------------------------------------------------------ limits
 async function loadLimits() {
