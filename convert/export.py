@@ -24,10 +24,11 @@ import ml_dtypes
 import numpy as np
 
 from jblip.convert import stacking
+from jblip.convert.chunked import convert_one
 from jblip.convert.hf import hf_rules
 from jblip.convert.hf_config import hf_config_dict
 from jblip.convert.inverse import KeyInverter
-from jblip.convert.rules import ConversionError, convert_one, flatten, plan
+from jblip.convert.rules import ConversionError, flatten, plan
 from jblip.convert.safetensors_writer import nbytes, write_safetensors
 from jblip.config import ModelConfig
 

@@ -54,6 +54,11 @@ class FuseQVBias:
         if hasattr(self.source, "close"):
             self.source.close()
 
+    def read_rows(self, key, start, stop):
+        if key in self._fused:
+            return self.read(key)[start:stop]
+        return self.source.read_rows(key, start, stop)
+
     def read(self, key):
         if key not in self._fused:
             return self.source.read(key)

@@ -12,18 +12,19 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jblip import sharding
 from jblip.config import ModelConfig, Precision, from_hf_config, untie_if_present
+from jblip.convert import chunked
+from jblip.convert.fill import DeviceFill, HostFill
 from jblip.convert.fuse import FuseQVBias
 from jblip.convert.hf import hf_rules
 from jblip.convert.quantized import read_quantized
 from jblip.convert.readers import open_checkpoint
 from jblip.convert.rules import convert_params, flatten
 from jblip.model import abstract_params
-from jblip.quantization import Quantization
+from jblip.quantization import Quantization, weight_bytes
 
 
 class NonFiniteWeightsWarning(RuntimeWarning):
@@ -38,10 +39,14 @@ class NonFiniteWatch:
         self.place, self.bad = place, []
 
     def __call__(self, path, x):
+        self.check(path, x)
+        return self.place(path, x)
+
+    def check(self, path, x):
         leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(x)]  # a quantised kernel: its scale
         if any(a.dtype.kind in "fcV" and a.size and not np.isfinite(a).all() for a in leaves):  # V: bfloat16
-            self.bad.append(path)
-        return self.place(path, x)
+            if path not in self.bad:  # a stack is checked layer by layer
+                self.bad.append(path)
 
     def warn(self, where: str):
         if self.bad:
@@ -56,9 +61,11 @@ def load_params(path: str, precision: Precision | str = "float32", mesh=None, ru
                 quantization: Quantization | None = None) -> tuple[ModelConfig, dict]:
     """Read the checkpoint at `path` (a local directory) into params.
 
-    With a `mesh`, each tensor goes straight from the file into its sharded array as it is
-    read (one host tensor, or one stacked param, alive at a time; every process keeps only the
-    slices its devices hold) and the LM vocabulary is zero-padded to divide its mesh axes.
+    Each param goes from the file to where it lives as it is read: a large one (a stack, a big
+    tensor) is allocated there once and filled in place a layer or a chunk of rows at a time,
+    a small one is put together on the host and placed whole (`convert/fill.py`), so host
+    memory holds the placed params plus about one piece. With a `mesh`, every process keeps only
+    the slices its devices hold, and the LM vocabulary is zero-padded to divide its mesh axes.
     `storage(config)` gives the abstract params (shapes and the dtype each leaf is stored in);
     default: the config's param dtype. With `quantization`, the kernels it names are quantised
     as each tensor is read (`jblip.quantization`). Returns (config, params), the config
@@ -75,19 +82,28 @@ def load_params(path: str, precision: Precision | str = "float32", mesh=None, ru
         if stored is None:
             config = untie_if_present(config, source.keys())
         abstract = (storage or abstract_params)(config)  # the checkpoint's shapes
-        place = lambda _, x: jax.tree_util.tree_map(jnp.asarray, x)
         if mesh is not None:
             rules = tuple(sharding.LOGICAL_RULES if rules is None else rules)
             config = sharding.pad_vocab(config, mesh, rules)
             boxed = abstract_params(config, boxed=True)
             targets = flatten(sharding.param_shardings(boxed, mesh, rules))
             shapes = flatten(nn.unbox(boxed))  # padded where the vocab is
-            place = lambda p, x: jax.tree_util.tree_map(lambda a, t, s: sharding.place(a, t, s.shape),
-                                                        x, targets[p], shapes[p])
+        else:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shapes = flatten(abstract)
+            targets = {p: jax.tree_util.tree_map(lambda _: device, a) for p, a in shapes.items()}
+        place = lambda p, x: jax.tree_util.tree_map(lambda a, t, s: sharding.place(a, t, s.shape),
+                                                    x, targets[p], shapes[p])
         watch = NonFiniteWatch(place)
         if stored is not None:
             params = read_quantized(path, abstract, watch)
         else:
-            params = convert_params(FuseQVBias(source), hf_rules(config), abstract, place=watch, progress=progress)
+            def fill(p, leaf, stacked):
+                # a large param is filled where it lives; a small one is put together on the host and
+                # placed whole (a host copy of it costs less than compiling its in-place updates)
+                if weight_bytes(leaf) <= chunked.CHUNK_BYTES:
+                    return HostFill(p, leaf, stacked, watch)
+                return DeviceFill(p, leaf, stacked, targets[p], shapes[p], place, watch.check)
+            params = convert_params(FuseQVBias(source), hf_rules(config), abstract, progress=progress, fill=fill)
     watch.warn(path)
     return config, params

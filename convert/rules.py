@@ -16,6 +16,8 @@ import numpy as np
 
 from jblip import quantization
 from jblip.convert import stacking
+from jblip.convert.chunked import pieces
+from jblip.convert.fill import HostFill
 
 
 class ConversionError(ValueError):
@@ -29,13 +31,16 @@ class Transform:
     to_flax: Callable[[np.ndarray, tuple], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
     torch_shape: Callable[[tuple], tuple | None] = lambda shape: None  # None: only sizes must agree
+    # the param axis that torch's leading axis runs along, given the param's shape (None: no
+    # such axis); a tensor can then be converted a chunk of rows at a time (convert/chunked.py)
+    rows_axis: Callable[[tuple], int | None] = lambda shape: None
 
 
 def _reshape(x, shape):
     return x.reshape(shape)
 
 
-IDENTITY = Transform("identity", _reshape, lambda x: x)
+IDENTITY = Transform("identity", _reshape, lambda x: x, rows_axis=lambda shape: 0)
 # Same values, but the torch tensor is 1-D: per-head biases (N, H) or fused qkv biases (3, N, H).
 FLAT = Transform("flat", _reshape, lambda x: x.reshape(-1))
 
@@ -52,7 +57,9 @@ def linear(n_in: int = 1) -> Transform:
         return k.reshape(-1, n_out).T
     def torch_shape(shape):
         return (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in])))
-    return Transform(f"linear{n_in}", lambda x, shape: x.T.reshape(shape), to_torch, torch_shape)
+    # torch rows are the output channels: they run along the kernel's first output axis
+    return Transform(f"linear{n_in}", lambda x, shape: x.T.reshape(shape), to_torch, torch_shape,
+                     rows_axis=lambda shape: n_in)
 
 
 LINEAR = linear(1)
@@ -169,11 +176,6 @@ def plan(keys_shapes: Mapping[str, tuple], rules: Iterable[Rule], targets: Mappi
     return assignment
 
 
-def convert_one(x: np.ndarray, shape: tuple, rule: Rule, dtype) -> np.ndarray:
-    y = rule.transform.to_flax(np.asarray(x), tuple(shape))
-    return y.astype(dtype) if dtype is not None and y.dtype != dtype else y
-
-
 class DictSource:
     """A TensorSource over an in-memory {key: array} dict (tests, torch state dicts)."""
 
@@ -192,18 +194,25 @@ class DictSource:
     def read(self, key):
         return self.tensors[key]
 
+    def read_rows(self, key, start, stop):
+        return self.tensors[key][start:stop]
+
 
 def convert_params(source, rules: Iterable[Rule], abstract_params: Mapping, optional: Iterable[str] = (),
-                   place: Callable[[str, np.ndarray], object] | None = None, progress=None) -> dict:
+                   place: Callable[[str, np.ndarray], object] | None = None, progress=None,
+                   fill: Callable[[str, object, bool], object] | None = None) -> dict:
     """Read every tensor a table assigns and return the nested Flax params dict.
 
-    source: TensorSource (keys/shape/dtype/read); abstract_params: nested dict of
-    leaves with .shape/.dtype (e.g. from jax.eval_shape). `place(path, array)`
-    may move each array to its device/sharding as soon as it is read; a stacked
-    param is read slice by slice and placed whole, so host memory holds at most
-    one stacked param at a time. A leaf that is a quantised kernel (`jblip.quantization`)
-    is quantised slice by slice as it is read, so only its int form is ever stacked.
+    source: TensorSource (keys/shape/dtype/read, and read_rows); abstract_params: nested dict
+    of leaves with .shape/.dtype (e.g. from jax.eval_shape). Each param is put together in
+    `fill(path, leaf, stacked)` from the pieces read (`convert/fill.py`): by default on the host
+    and then `place(path, array)`d whole (e.g. moved to its device/sharding); the loader fills
+    it on its devices instead. A stacked param is read one layer at a time, a large tensor a
+    chunk of rows at a time (`convert/chunked.py`), and a leaf that is a quantised kernel
+    (`jblip.quantization`) is quantised as it is read, so neither a whole float stack nor a
+    large float tensor next to its converted form is ever held.
     """
+    fill = fill or (lambda path, leaf, stacked: HostFill(path, leaf, stacked, place))
     targets = flatten(abstract_params)
     assignment = plan({k: source.shape(k) for k in source.keys()}, rules, targets, optional)
     slots = stacking.per_layer_slots({p: tuple(a.shape) for p, a in targets.items()})
@@ -214,19 +223,18 @@ def convert_params(source, rules: Iterable[Rule], abstract_params: Mapping, opti
         leaf = targets[path]
         if slot is not None and len(group) != leaf.shape[0]:
             raise ConversionError(f"{path}: the checkpoint fills {len(group)} of its {leaf.shape[0]} layers")
-        arrays = []
         shape = tuple(leaf.shape[1:] if slot else leaf.shape)
         quantized = quantization.is_quantized(leaf)
-        like = quantization.slice_like(leaf) if quantized and slot else leaf  # one layer's layout
-        for member in group:
+        like = (quantization.slice_like(leaf) if slot else leaf) if quantized else None  # one layer's layout
+        target = fill(path, leaf, slot is not None)
+        for index, member in enumerate(group):
             key, rule = assignment[member]
-            # a kernel to quantise keeps its stored precision until qwix has quantised it
-            x = convert_one(source.read(key), shape, rule, None if quantized else np.dtype(leaf.dtype))
-            arrays.append(quantization.quantize_host(x, like) if quantized else x)
+            for axis, start, piece in pieces(source, key, rule, shape, None if quantized else np.dtype(leaf.dtype),
+                                             like, target.chunks_along):
+                target.write(index if slot else None, axis, start, piece)
+                del piece
             done += 1
             if progress is not None:
                 progress(done, len(assignment), member)
-        arr = arrays[0] if slot is None else stacking.assemble(arrays)
-        del arrays
-        out[path] = place(path, arr) if place is not None else arr
+        out[path] = target.result()
     return unflatten(out)

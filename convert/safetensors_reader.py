@@ -118,6 +118,16 @@ class SafetensorsFile(SourceBase):
         raw = self._file.read(self._data_start + start, end - start, f"tensor {key!r}")
         return bytes_as(raw, self.dtype(key), "little").reshape(self.shape(key))
 
+    def read_rows(self, key, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of the leading axis: only their bytes are read."""
+        shape = self.shape(key)
+        row = math.prod(shape[1:]) * self.dtype(key).itemsize
+        begin = self._entry(key)["data_offsets"][0]
+        start, stop, _ = slice(start, stop).indices(shape[0])
+        raw = self._file.read(self._data_start + begin + start * row, max(stop - start, 0) * row,
+                              f"rows {start}:{stop} of tensor {key!r}")
+        return bytes_as(raw, self.dtype(key), "little").reshape((max(stop - start, 0), *shape[1:]))
+
     def close(self):
         self._file.close()
 

@@ -68,6 +68,9 @@ class ShardedSource(SourceBase):
     def read(self, key):
         return self._shard_of(key).read(key)
 
+    def read_rows(self, key, start, stop):
+        return self._shard_of(key).read_rows(key, start, stop)
+
     def close(self):
         for shard in self._shards.values():
             shard.close()

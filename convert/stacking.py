@@ -19,7 +19,6 @@ import re
 from collections.abc import Mapping
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 _STACK = re.compile(r"^(?P<parent>(?:.*/)?)layers/(?P<rest>.*)$")
@@ -119,8 +118,3 @@ def reading_order(per_layer_paths, slots: Mapping[str, Slot | None]) -> list[lis
         key = path if slot is None else slot.stacked
         groups.setdefault(key, []).append(path)
     return [sorted(g, key=lambda p: slots[p].index) if slots[g[0]] is not None else g for g in groups.values()]
-
-
-def assemble(slices: list):
-    """Per-layer arrays (or pytrees of them, e.g. quantised kernels) stacked on a leading axis."""
-    return jax.tree_util.tree_map(lambda *xs: np.stack(xs, axis=0), *slices)

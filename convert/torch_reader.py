@@ -10,6 +10,7 @@ read on demand as exactly the bytes it spans and rebuilt with numpy strides.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -296,12 +297,21 @@ class TorchCheckpoint(SourceBase):
 
     def read(self, key) -> np.ndarray:
         """A fresh contiguous array, bit-exact, reading only the bytes this tensor spans."""
+        return self._read(self._tensor(key), f"tensor {key!r}")
+
+    def read_rows(self, key, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of the leading axis, reading only the bytes they span."""
         t = self._tensor(key)
+        start, stop, _ = slice(start, stop).indices(t.shape[0])
+        rows = dataclasses.replace(t, offset=t.offset + start * t.stride[0], shape=(max(stop - start, 0), *t.shape[1:]))
+        return self._read(rows, f"rows {start}:{stop} of tensor {key!r}")
+
+    def _read(self, t: LazyTensor, what: str) -> np.ndarray:
         size = t.dtype.itemsize
         if t.span == 0:
             return np.empty(t.shape, t.dtype)
         first = t.storage.base * t.storage.dtype.itemsize + t.offset * size
-        raw = self._storages.read(t.storage.key, first, t.span * size, f"tensor {key!r}")
+        raw = self._storages.read(t.storage.key, first, t.span * size, what)
         flat = bytes_as(raw, t.dtype, self._storages.byteorder)
         if t.span == math.prod(t.shape) and t.stride == _contiguous_strides(t.shape):
             return flat.reshape(t.shape)  # already a fresh buffer in the right order

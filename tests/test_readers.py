@@ -159,6 +159,25 @@ def test_readers_feed_convert_params(ckpts):
             np.testing.assert_array_equal(params["dense"]["kernel"], src.read("lin.weight").T)
 
 
+def test_read_rows_reads_a_slice_of_the_leading_axis_bit_exact(ckpts):
+    """Rows a:b of every tensor equal read()[a:b] in every format, strided torch views included
+    (the loader reads large tensors in row chunks: convert/chunked.py)."""
+    from jblip.convert.fuse import FuseQVBias
+    for label in ("lavis", "legacy", "flat", "hf_bin", "hf_st"):
+        with open_checkpoint(ckpts["paths"][label]) as src:
+            for source in (src, FuseQVBias(src)):
+                for key in source.keys():
+                    whole = source.read(key)
+                    if whole.ndim == 0:
+                        continue
+                    n = whole.shape[0]
+                    for a, b in ((0, n), (1, n - 1), (n - 1, n), (2, 2)):
+                        rows = source.read_rows(key, a, b)
+                        want = whole[a:b]
+                        assert rows.dtype == want.dtype and rows.shape == want.shape, (label, key, a, b)
+                        assert rows.tobytes() == want.tobytes(), (label, key, a, b)
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker
