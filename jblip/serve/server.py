@@ -13,16 +13,35 @@ import time
 
 import uvicorn
 
+from jblip import families
 from jblip.serve.app import create_app
 from jblip.serve.batch_engine import BatchingEngine
 from jblip.serve.prepare import RequestBuilder, ServerSettings
+from jblip.serve.slot_engine import SlotEngine
+from jblip.serve.slot_program import DecoderSlots
+
+ENGINES = ("continuous", "static")
+
+
+def build_engine(model, settings: ServerSettings, pad_id: int = 0):
+    """settings.engine "continuous": a `SlotEngine` over `DecoderSlots` for what it can decode
+    (greedy and sampled answers of a decoder-only LM that fit a slot), with a `BatchingEngine`
+    for the rest (beam search, Flan-T5, answers longer than a slot); "static": the
+    `BatchingEngine` alone."""
+    if settings.engine not in ENGINES:
+        raise ValueError(f"unknown engine {settings.engine!r}; choose one of {', '.join(ENGINES)}")
+    static = BatchingEngine(model, settings.max_batch, settings.max_queue, pad_id)
+    if settings.engine == "static" or families.family(model.config).encoder_decoder:
+        return static
+    program = DecoderSlots(model, settings.slots or settings.max_batch, settings.slot_length, pad_id=pad_id)
+    return SlotEngine(program, settings.max_queue, fallback=static, eos_token_ids=program.eos_token_ids)
 
 
 def build_app(model, processor, settings: ServerSettings, engine=None):
-    """The ASGI app for a loaded model and its processor (engine: `BatchingEngine` by default)."""
+    """The ASGI app for a loaded model and its processor (engine: `build_engine`'s by default)."""
     pad = processor.tokenizer.special_id("pad_token")
     pad = pad if pad is not None else max(getattr(model.config.text, "pad_token_id", 0), 0)
-    engine = engine or BatchingEngine(model, settings.max_batch, settings.max_queue, pad)
+    engine = engine or build_engine(model, settings, pad)
     return create_app(engine, RequestBuilder(model, processor, settings), settings)
 
 
