@@ -17,6 +17,9 @@ def add_arguments(parser):
                                                     "folder's name, e.g. 'demo')")
     parser.add_argument("--mesh", help='device mesh for the weights, e.g. "tensor=4" or "fsdp=-1" '
                                        "(default: one device)")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="compile continuous batching's programs (admission at every batch size, the step) "
+                             "before listening, instead of on the first requests")
     g = parser.add_argument_group("limits")
     g.add_argument("--max-batch", type=int, default=8, help="most answers decoded at once (default 8)")
     g.add_argument("--engine", choices=("continuous", "static"), default="continuous",
@@ -55,7 +58,7 @@ def settings_from(args, model_name: str):
         raise FileNotFoundError(f"--allow-local-files: no folder at {args.allow_local_files}")
     images = ImageLimits(args.max_image_bytes, args.max_image_pixels, args.allow_local_files)
     return ServerSettings(model_name=model_name, max_batch=args.max_batch, max_queue=args.max_queue,
-                          engine=args.engine, slots=args.slots, slot_length=args.slot_length,
+                          engine=args.engine, slots=args.slots, slot_length=args.slot_length, warm_up=args.warm_up,
                           max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
                           max_tokens_limit=args.max_tokens_limit, images=images,
                           shutdown_timeout=args.shutdown_timeout)

@@ -6,17 +6,21 @@ uvicorn handles SIGTERM/SIGINT: it stops accepting connections, waits up to
 """
 from __future__ import annotations
 
+import base64
+import io
 import os
 import signal
 import threading
 import time
 
 import uvicorn
+from PIL import Image
 
 from jblip import families
 from jblip.serve.app import create_app
 from jblip.serve.batch_engine import BatchingEngine
 from jblip.serve.prepare import RequestBuilder, ServerSettings
+from jblip.serve.protocol import ChatCompletionRequest
 from jblip.serve.slot_engine import SlotEngine
 from jblip.serve.slot_program import DecoderSlots
 
@@ -37,12 +41,29 @@ def build_engine(model, settings: ServerSettings, pad_id: int = 0):
     return SlotEngine(program, settings.max_queue, fallback=static, eos_token_ids=program.eos_token_ids)
 
 
+def warm_up(engine, builder: RequestBuilder):
+    """Compile the continuous engine's admission (one-word prompts' bucket, every batch size) and
+    its step now rather than on the first requests."""
+    program = getattr(engine, "program", None)
+    if program is None or not hasattr(program, "warm_up"):
+        return
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    body = ChatCompletionRequest(model=builder.settings.model_name, max_tokens=1,
+                                 messages=[{"role": "user", "content": "a"}])
+    program.warm_up(builder.build(body, "a", url, lambda event: None))
+
+
 def build_app(model, processor, settings: ServerSettings, engine=None):
     """The ASGI app for a loaded model and its processor (engine: `build_engine`'s by default)."""
     pad = processor.tokenizer.special_id("pad_token")
     pad = pad if pad is not None else max(getattr(model.config.text, "pad_token_id", 0), 0)
     engine = engine or build_engine(model, settings, pad)
-    return create_app(engine, RequestBuilder(model, processor, settings), settings)
+    builder = RequestBuilder(model, processor, settings)
+    if settings.warm_up:
+        warm_up(engine, builder)
+    return create_app(engine, builder, settings)
 
 
 def default_model_name(path: str) -> str:

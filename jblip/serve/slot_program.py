@@ -259,6 +259,16 @@ class DecoderSlots:
     def free(self, slots: list[int]):
         self.live[slots] = False
 
+    def warm_up(self, request: EngineRequest):
+        """Compile before serving: the admission of `request`'s prompt bucket at every batch-size
+        bucket (rows dropped, no slot changes), and the step."""
+        self.admit([], [])
+        width, rows = bucket_length(request.prompt_width), 1
+        while rows <= _power_of_two(self.num_slots):
+            self._admit_group(width, [(request, 0, self.num_slots)] * rows)
+            rows *= 2
+        self.step()
+
     # ------------------------------------------------------------------ admission
     def _prompt_columns(self, ids) -> int:
         """Cache columns a prompt takes: its bucketed width, plus the queries when they are prepended."""
@@ -289,7 +299,7 @@ class DecoderSlots:
         batch["knobs"] = _stack_knobs([self._knobs(r) for r, _, _ in padded])
         batch["sample"] = np.array([r.decoding.sampler.strategy == "sample" for r, _, _ in padded])
         batch["index"] = np.array([j for _, j, _ in padded], np.int32)
-        dst = np.array([slot for _, _, slot in answers] + [self.num_slots] * (rows - len(answers)), np.int32)
+        dst = np.array([slot for _, _, slot in answers] + [self.num_slots] * (rows - len(answers)), np.int32)  # pads: dropped
         prepend = self.model.query_layout(batch["input_ids"])
         with self.model.sharding_context():
             self._state = self._admit(self.model.params, self._state, batch, dst, prepend_queries=prepend)
