@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jblip import families
+from jblip import families, kv_cache
 from jblip.language_model import LMState
 from jblip.model import BlipModel
 from jblip.pretrained import bucket_length
@@ -161,9 +161,36 @@ def _settle(lm: LMState, before: LMState, column, active) -> LMState:
                       next_position=jnp.where(active, lm.next_position, before.next_position))
 
 
-def step(module: BlipModel, params, state: SlotState, live, steps: int, eos_ids: tuple[int, ...], pad_id: int):
-    """Advance every live, unfinished row by up to `steps` tokens. Returns (state, tokens
-    [R, steps] (pad after a row's last), counts [R] of new tokens per row)."""
+def _map_rows(fn, state: SlotState, *more: SlotState) -> SlotState:
+    """fn(axis, x, *same field of `more`) on every per-row array of the state (the cache's rows are
+    its axis 1, every other array's axis 0; the shared scratch slot stays)."""
+    rows0 = lambda *trees: jax.tree_util.tree_map(lambda *x: fn(0, *x), *trees)  # noqa: E731
+    lm = state.lm.replace(cache=jax.tree_util.tree_map(lambda *x: fn(kv_cache.BATCH_AXIS, *x), state.lm.cache,
+                                                       *(m.lm.cache for m in more)),
+                          key_mask=fn(0, state.lm.key_mask, *(m.lm.key_mask for m in more)),
+                          next_position=fn(0, state.lm.next_position, *(m.lm.next_position for m in more)))
+    return rows0(state.replace(lm=None), *(m.replace(lm=None) for m in more)).replace(lm=lm)
+
+
+def step(module: BlipModel, params, state: SlotState, live, steps: int, eos_ids: tuple[int, ...], pad_id: int,
+         rows: int):
+    """Advance every live, unfinished row by up to `steps` tokens; only the first `rows` rows
+    (static: every live row is among them) are computed, so a lightly loaded server does not pay
+    for its empty slots. Returns (state, tokens [R, steps] (pad after a row's last), counts [R]
+    of new tokens per row)."""
+    total = state.done.shape[0]
+    if rows == total:
+        return _step_rows(module, params, state, live, steps, eos_ids, pad_id)
+    first = _map_rows(lambda axis, x: jax.lax.slice_in_dim(x, 0, rows, axis=axis), state)
+    first, tokens, counts = _step_rows(module, params, first, live[:rows], steps, eos_ids, pad_id)
+    state = _map_rows(lambda axis, x, y: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis), state, first)
+    rest = total - rows
+    return (state, jnp.concatenate([tokens, jnp.full((rest, steps), pad_id, jnp.int32)]),
+            jnp.concatenate([counts, jnp.zeros(rest, jnp.int32)]))
+
+
+def _step_rows(module: BlipModel, params, state: SlotState, live, steps: int, eos_ids: tuple[int, ...],
+               pad_id: int):
     rows, columns = state.history.shape
     index = jnp.arange(rows)
 
@@ -219,7 +246,7 @@ class DecoderSlots:
         self._init = jax.jit(functools.partial(init_state, module), static_argnums=(1, 2))
         self._admit = jax.jit(functools.partial(admit, module), static_argnames="prepend_queries", donate_argnums=1)
         self._step = jax.jit(functools.partial(step, module, steps=steps, eos_ids=self.eos_token_ids,
-                                               pad_id=base.pad_token_id), donate_argnums=1)
+                                               pad_id=base.pad_token_id), static_argnames="rows", donate_argnums=1)
         self._state = None
 
     @property
@@ -251,13 +278,20 @@ class DecoderSlots:
 
     def step(self):
         with self.model.sharding_context():
-            self._state, tokens, counts = self._step(self.model.params, self._state, jnp.asarray(self.live))
+            self._state, tokens, counts = self._step(self.model.params, self._state, jnp.asarray(self.live),
+                                                     rows=self._busy_rows())
         counts = np.asarray(counts)
         done = np.asarray(self._state.done) & (counts > 0)
         return np.asarray(tokens), counts, done
 
     def free(self, slots: list[int]):
         self.live[slots] = False
+
+    def _busy_rows(self) -> int:
+        """Rows a step computes: the power of two that covers the highest live slot (the engine
+        fills the lowest free slots first, so a light load stays in the first rows)."""
+        live = np.flatnonzero(self.live)
+        return min(_power_of_two(int(live[-1]) + 1 if live.size else 1), self.num_slots)
 
     def warm_up(self, request: EngineRequest):
         """Compile before serving: the admission of `request`'s prompt bucket at every batch-size
@@ -266,8 +300,12 @@ class DecoderSlots:
         width, rows = bucket_length(request.prompt_width), 1
         while rows <= _power_of_two(self.num_slots):
             self._admit_group(width, [(request, 0, self.num_slots)] * rows)
+            self.live[:] = False
+            self.live[:min(rows, self.num_slots)] = True  # rows the step computes: the first `rows`
+            self._state = self._state.replace(done=jnp.ones(self.num_slots, bool))  # decode nothing
+            self.step()
             rows *= 2
-        self.step()
+        self.live[:] = False
 
     # ------------------------------------------------------------------ admission
     def _prompt_columns(self, ids) -> int:
