@@ -195,7 +195,8 @@ def costs(model, path: str, slots: int, columns: int, repeats: int = 5):
     decode = (statistics.median(generate(33) for _ in range(repeats))
               - statistics.median(generate(1) for _ in range(repeats))) / 32
     builder = RequestBuilder(model, Processor.from_pretrained(path), ServerSettings("bench"))
-    body = ChatCompletionRequest(model="bench", max_tokens=64, min_tokens=64, messages=[{"role": "user", "content": "a"}])
+    body = ChatCompletionRequest(model="bench", max_tokens=32, min_tokens=32,
+                                 messages=[{"role": "user", "content": "a"}])
     request = builder.build(body, question, data_url(image), lambda event: None)
     program = DecoderSlots(model, slots, columns)
 

@@ -118,7 +118,8 @@ def admit(module: BlipModel, params, state: SlotState, batch: dict, dst, prepend
         batch["knobs"].seed, batch["index"])
     full = lambda value: jnp.full((rows,), value, jnp.int32)  # noqa: E731
     return state.replace(
-        lm=state.lm.replace(cache=cache, key_mask=key_mask, next_position=put(state.lm.next_position, lm.next_position)),
+        lm=state.lm.replace(cache=cache, key_mask=key_mask,
+                            next_position=put(state.lm.next_position, lm.next_position)),
         logits=put(state.logits, logits), column=put(state.column, full(width)),
         history=put(state.history, pad(history)), valid=put(state.valid, pad(valid)),
         start=put(state.start, full(history.shape[1])), generated=put(state.generated, full(0)),
@@ -337,7 +338,8 @@ class DecoderSlots:
         batch["knobs"] = _stack_knobs([self._knobs(r) for r, _, _ in padded])
         batch["sample"] = np.array([r.decoding.sampler.strategy == "sample" for r, _, _ in padded])
         batch["index"] = np.array([j for _, j, _ in padded], np.int32)
-        dst = np.array([slot for _, _, slot in answers] + [self.num_slots] * (rows - len(answers)), np.int32)  # pads: dropped
+        dst = np.array([slot for _, _, slot in answers] + [self.num_slots] * (rows - len(answers)),  # pads: dropped
+                       np.int32)
         prepend = self.model.query_layout(batch["input_ids"])
         with self.model.sharding_context():
             self._state = self._admit(self.model.params, self._state, batch, dst, prepend_queries=prepend)
