@@ -203,9 +203,13 @@ def _step_rows(module: BlipModel, params, state: SlotState, live, steps: int, eo
         i, s, tokens, counts = carry
         active = live & ~s.done
         scores = _process(s.logits.astype(jnp.float32), s, active, eos_ids)
-        step_keys = jax.vmap(lambda d, t: jax.random.fold_in(jax.random.wrap_key_data(d), t))(s.keys, s.generated)
-        sampled = jax.vmap(jax.random.categorical)(step_keys, scores).astype(jnp.int32)
-        token = jnp.where(active, jnp.where(s.sample, sampled, argmax(scores)), pad_id)
+        greedy = argmax(scores)
+
+        def sample(scores):  # random bits for every row and token: only when some row samples
+            keys = jax.vmap(lambda d, t: jax.random.fold_in(jax.random.wrap_key_data(d), t))(s.keys, s.generated)
+            return jnp.where(s.sample, jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32), greedy)
+        token = jax.lax.cond(jnp.any(active & s.sample), sample, lambda _: greedy, scores)
+        token = jnp.where(active, token, pad_id)
         at = jnp.where(active, s.start + s.generated, columns)  # out of range: dropped
         ended = is_eos(token, eos_ids) | (s.generated + 1 >= s.knobs.max_new_tokens)
         logits, lm = _llm(module, params, lambda llm, t, st: llm.decode_step(t, st), token, s.lm)
