@@ -12,15 +12,16 @@ Workload: the example images and questions (examples/README.md) with mixed answe
 (min_tokens = max_tokens = 2, 8 or 32 in turn, so every answer has exactly that many tokens).
 Each client sends its next request as soon as its last answer has streamed in; N clients send
 max(16, 3N) requests in all. Per setting: requests/s, generated tokens/s, p50/p95 time to first
-token (first streamed text) and end-to-end latency. Every server runs in its own process
-(`--engine static` and `--engine continuous`, `--max-batch` = `--slots`), started with
-`--warm-up`, and gets each distinct request once before timing, so compilation is excluded.
+token (first streamed text) and end-to-end latency. Both servers run at once, each in its own
+process (`--engine static` and `--engine continuous`, `--max-batch` = `--slots`), started with
+`--warm-up`, and get each distinct request once before timing, so compilation is excluded; per
+client count, sequential, static and continuous are timed back to back.
 Static batching: a batch holds requests of one decoding program and ends with its longest
 answer; continuous batching: a finished answer's slot takes the next request at once.
 
 Then the costs that bound the speed-up, measured in this process: a decode step of
-`generate` at batch 1 (per token), a step of the slots with all of them busy (per token of
-each), and an admission (vision + Q-Former + prefill) of 1 and of 4 requests.
+`generate` at batch 1 and at batch `--slots`, a step of the slots with all of them busy (per
+token of each), and an admission (vision + Q-Former + prefill) of 1 and of 4 requests.
 """
 from __future__ import annotations
 
@@ -175,8 +176,8 @@ def served(path: str, engine: str, slots: int, columns: int, max_queue: int):
 # ----------------------------------------------------------------------------- main
 
 def costs(model, path: str, slots: int, columns: int, repeats: int = 5):
-    """Seconds: generate's decode step at batch 1, a slot step per token with every slot busy,
-    and admissions of 1 and 4 requests."""
+    """Seconds: generate's decode step at batch 1 and at batch `slots`, a slot step per token with
+    every slot busy, and admissions of 1 and 4 requests."""
     import jax
 
     from jblip.processing import Processor
@@ -185,15 +186,18 @@ def costs(model, path: str, slots: int, columns: int, repeats: int = 5):
     from jblip.serve.slot_program import DecoderSlots
 
     image, question = example_rows()[0]
-    inputs = model._jblip_processor(image, question)
 
-    def generate(new):
-        t = time.perf_counter()
-        jax.block_until_ready(model.generate(**inputs, max_new_tokens=new, min_new_tokens=new).tokens)
-        return time.perf_counter() - t
-    generate(1), generate(33)
-    decode = (statistics.median(generate(33) for _ in range(repeats))
-              - statistics.median(generate(1) for _ in range(repeats))) / 32
+    def decode_step(batch):
+        inputs = model._jblip_processor([image] * batch, question)
+
+        def generate(new):
+            t = time.perf_counter()
+            jax.block_until_ready(model.generate(**inputs, max_new_tokens=new, min_new_tokens=new).tokens)
+            return time.perf_counter() - t
+        generate(1), generate(33)
+        return (statistics.median(generate(33) for _ in range(repeats))
+                - statistics.median(generate(1) for _ in range(repeats))) / 32
+    decode_1, decode_n = decode_step(1), decode_step(slots)
     builder = RequestBuilder(model, Processor.from_pretrained(path), ServerSettings("bench"))
     body = ChatCompletionRequest(model="bench", max_tokens=32, min_tokens=32,
                                  messages=[{"role": "user", "content": "a"}])
@@ -213,12 +217,15 @@ def costs(model, path: str, slots: int, columns: int, repeats: int = 5):
         t = time.perf_counter()
         program.step()
         return (time.perf_counter() - t) / program.steps
-    return dict(decode=decode, slot_step=statistics.median(step() for _ in range(repeats)),
+    return dict(decode_1=decode_1, decode_n=decode_n, slot_step=statistics.median(step() for _ in range(repeats)),
                 admit_1=statistics.median(admit(1) for _ in range(repeats)),
                 admit_4=statistics.median(admit(4) for _ in range(repeats)))
 
 
 def bench_model(path: str, label: str, clients: list[int], slots: int, columns: int):
+    """Both servers run side by side (an idle one costs nothing); for each client count the
+    sequential baseline, static and continuous batching are timed back to back, so that the
+    load of a shared machine drifts as little as possible between the three."""
     import openai
 
     import jblip
@@ -226,33 +233,33 @@ def bench_model(path: str, label: str, clients: list[int], slots: int, columns: 
 
     model = jblip.load_pretrained(path)
     model._jblip_processor = Processor.from_pretrained(path)
-    requests = {n: max(16, 3 * n) for n in clients}
     distinct = list(dict.fromkeys(workload(48)))
     print(f"== {label}: answers of {'/'.join(map(str, LENGTHS))} tokens, {slots} slots of {columns} columns",
           flush=True)
     for image, question, length in distinct:  # warm-up: compile every shape
         model.generate_text(image, question, max_new_tokens=length, min_new_tokens=length)
-    base = report("sequential generate_text", *sequential(model, workload(48)))
     cost = costs(model, path, slots, columns)
-    del model
-
-    got = {}
-    for engine in ("static", "continuous"):
-        with served(path, engine, slots, columns, 4 * max(requests.values())) as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    most = max(16, 3 * max(clients))
+    with served(path, "static", slots, columns, 4 * most) as static_url, \
+            served(path, "continuous", slots, columns, 4 * most) as continuous_url:
+        urls = dict(static=static_url, continuous=continuous_url)
+        client = {k: openai.OpenAI(base_url=u + "/v1", api_key="unused", max_retries=0, timeout=600)
+                  for k, u in urls.items()}
+        for engine in urls:
             for job in distinct:
-                one_request(client, "bench", job)
-            for n in clients:
-                jobs = workload(requests[n])
-                got[engine, n] = report(f"{engine}, {n:>2} clients", *run_clients(client, "bench", jobs, n))
-    print("throughput (generated tokens/s) against sequential and static batching:", flush=True)
-    for n in clients:
-        c, s = got["continuous", n]["tokens_per_s"], got["static", n]["tokens_per_s"]
-        print(f"  {n:>2} clients: continuous x{c / base['tokens_per_s']:.2f} sequential, x{c / s:.2f} static; "
-              f"static x{s / base['tokens_per_s']:.2f} sequential", flush=True)
-    print(f"costs: generate decode step (batch 1) {cost['decode'] * 1e3:.1f} ms/token; slot step, {slots} busy "
-          f"slots {cost['slot_step'] * 1e3:.1f} ms per token of each ({slots / cost['slot_step']:.0f} tokens/s); "
-          f"admission of 1 request {cost['admit_1'] * 1e3:.0f} ms, of 4 {cost['admit_4'] * 1e3:.0f} ms", flush=True)
+                one_request(client[engine], "bench", job)
+        for n in clients:
+            base = report("sequential generate_text", *sequential(model, workload(48)))
+            jobs = workload(max(16, 3 * n))
+            got = {engine: report(f"{engine}, {n:>2} clients", *run_clients(client[engine], "bench", jobs, n))
+                   for engine in urls}
+            c, st, b = got["continuous"]["tokens_per_s"], got["static"]["tokens_per_s"], base["tokens_per_s"]
+            print(f"   -> {n} clients, generated tokens/s: continuous x{c / b:.2f} sequential and x{c / st:.2f} "
+                  f"static; static x{st / b:.2f} sequential", flush=True)
+    print(f"costs: generate's decode step {cost['decode_1'] * 1e3:.1f} ms at batch 1, "
+          f"{cost['decode_n'] * 1e3:.1f} ms at batch {slots}; a step of {slots} busy slots {cost['slot_step'] * 1e3:.1f} ms per token of each "
+          f"({slots / cost['slot_step']:.0f} tokens/s); admission of 1 request {cost['admit_1'] * 1e3:.0f} ms, "
+          f"of 4 {cost['admit_4'] * 1e3:.0f} ms", flush=True)
 
 
 def main(argv=None):
