@@ -257,7 +257,8 @@ def bench_model(path: str, label: str, clients: list[int], slots: int, columns: 
             print(f"   -> {n} clients, generated tokens/s: continuous x{c / b:.2f} sequential and x{c / st:.2f} "
                   f"static; static x{st / b:.2f} sequential", flush=True)
     print(f"costs: generate's decode step {cost['decode_1'] * 1e3:.1f} ms at batch 1, "
-          f"{cost['decode_n'] * 1e3:.1f} ms at batch {slots}; a step of {slots} busy slots {cost['slot_step'] * 1e3:.1f} ms per token of each "
+          f"{cost['decode_n'] * 1e3:.1f} ms at batch {slots}; a step of {slots} busy slots "
+          f"{cost['slot_step'] * 1e3:.1f} ms per token of each "
           f"({slots / cost['slot_step']:.0f} tokens/s); admission of 1 request {cost['admit_1'] * 1e3:.0f} ms, "
           f"of 4 {cost['admit_4'] * 1e3:.0f} ms", flush=True)
 
@@ -268,8 +269,11 @@ def main(argv=None):
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--slots", type=int, default=16, help="continuous slots = static --max-batch")
     parser.add_argument("--slot-length", type=int, default=128, help="KV-cache columns per slot")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="answer lengths, in turn")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
+    global LENGTHS
+    LENGTHS = tuple(int(n) for n in args.lengths.split(","))
 
     from jblip.pipeline import DEFAULT_MODEL
     for name in args.models.split(","):
