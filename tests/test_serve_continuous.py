@@ -111,6 +111,21 @@ def test_what_the_program_cannot_decode_goes_elsewhere(tiny):
     assert not any(program.accepts(r) for r in (too_long, beam, too_many))
 
 
+def test_flan_t5_and_engine_static_are_served_by_static_batching():
+    from types import SimpleNamespace
+
+    from jblip.config import preset
+    from jblip.serve.server import build_engine
+    t5 = SimpleNamespace(config=preset("blip2-flan-t5-xl"))
+    assert isinstance(build_engine(t5, ServerSettings("t5")), BatchingEngine)
+    with pytest.raises(ValueError, match="decoder-only"):
+        DecoderSlots(t5)
+    llama = SimpleNamespace(config=preset("tiny-instructblip-vicuna"))
+    assert isinstance(build_engine(llama, ServerSettings("x", engine="static")), BatchingEngine)
+    with pytest.raises(ValueError, match="unknown engine"):
+        build_engine(llama, ServerSettings("x", engine="dynamic"))
+
+
 # ----------------------------------------------------------------------------- the demo model, served
 
 class SlowSlots(DecoderSlots):
