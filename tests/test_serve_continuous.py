@@ -26,14 +26,13 @@ httpx = pytest.importorskip("httpx2")
 
 import jblip  # noqa: E402
 from jblip.pipeline import DEFAULT_MODEL  # noqa: E402
-from jblip.sampling import SamplerConfig  # noqa: E402
 from jblip.serve import BackgroundServer, ServerSettings, build_app  # noqa: E402
 from jblip.serve.batch_engine import BatchingEngine  # noqa: E402
 from jblip.serve.engine import EngineRequest, Failed, Finished, Tokens  # noqa: E402
 from jblip.serve.options import Decoding  # noqa: E402
 from jblip.serve.slot_engine import SlotEngine  # noqa: E402
 from jblip.serve.slot_program import DecoderSlots  # noqa: E402
-from tests.hf_models import IMAGE_TOKEN, NUM_QUERIES, TINY_OPT, left_padded_prompts, right_padded_text  # noqa: E402
+from tests.hf_models import IMAGE_TOKEN, TINY_OPT, left_padded_prompts, right_padded_text  # noqa: E402
 from tests.hf_models import tiny_blip2, tiny_instructblip  # noqa: E402
 from tests.test_demo import EXAMPLES  # noqa: E402
 
