@@ -62,9 +62,9 @@ def example_rows():
     return rows
 
 
-def workload(n: int, lengths=LENGTHS):
+def workload(n: int):
     rows = example_rows()
-    return [rows[i % len(rows)] + (lengths[i % len(lengths)],) for i in range(n)]
+    return [rows[i % len(rows)] + (LENGTHS[i % len(LENGTHS)],) for i in range(n)]
 
 
 def data_url(path: str) -> str:
@@ -222,7 +222,7 @@ def costs(model, path: str, slots: int, columns: int, repeats: int = 5):
                 admit_4=statistics.median(admit(4) for _ in range(repeats)))
 
 
-def bench_model(path: str, label: str, clients: list[int], slots: int, columns: int, lengths=LENGTHS):
+def bench_model(path: str, label: str, clients: list[int], slots: int, columns: int):
     """Both servers run side by side (an idle one costs nothing); for each client count the
     sequential baseline, static and continuous batching are timed back to back, so that the
     load of a shared machine drifts as little as possible between the three."""
@@ -233,8 +233,8 @@ def bench_model(path: str, label: str, clients: list[int], slots: int, columns: 
 
     model = jblip.load_pretrained(path)
     model._jblip_processor = Processor.from_pretrained(path)
-    distinct = list(dict.fromkeys(workload(48, lengths)))
-    print(f"== {label}: answers of {'/'.join(map(str, lengths))} tokens, {slots} slots of {columns} columns",
+    distinct = list(dict.fromkeys(workload(48)))
+    print(f"== {label}: answers of {'/'.join(map(str, LENGTHS))} tokens, {slots} slots of {columns} columns",
           flush=True)
     for image, question, length in distinct:  # warm-up: compile every shape
         model.generate_text(image, question, max_new_tokens=length, min_new_tokens=length)
@@ -249,16 +249,15 @@ def bench_model(path: str, label: str, clients: list[int], slots: int, columns: 
             for job in distinct:
                 one_request(client[engine], "bench", job)
         for n in clients:
-            base = report("sequential generate_text", *sequential(model, workload(48, lengths)))
-            jobs = workload(max(16, 3 * n), lengths)
+            base = report("sequential generate_text", *sequential(model, workload(48)))
+            jobs = workload(max(16, 3 * n))
             got = {engine: report(f"{engine}, {n:>2} clients", *run_clients(client[engine], "bench", jobs, n))
                    for engine in urls}
             c, st, b = got["continuous"]["tokens_per_s"], got["static"]["tokens_per_s"], base["tokens_per_s"]
             print(f"   -> {n} clients, generated tokens/s: continuous x{c / b:.2f} sequential and x{c / st:.2f} "
                   f"static; static x{st / b:.2f} sequential", flush=True)
     print(f"costs: generate's decode step {cost['decode_1'] * 1e3:.1f} ms at batch 1, "
-          f"{cost['decode_n'] * 1e3:.1f} ms at batch {slots}; a step of {slots} busy slots "
-          f"{cost['slot_step'] * 1e3:.1f} ms per token of each "
+          f"{cost['decode_n'] * 1e3:.1f} ms at batch {slots}; a step of {slots} busy slots {cost['slot_step'] * 1e3:.1f} ms per token of each "
           f"({slots / cost['slot_step']:.0f} tokens/s); admission of 1 request {cost['admit_1'] * 1e3:.0f} ms, "
           f"of 4 {cost['admit_4'] * 1e3:.0f} ms", flush=True)
 
@@ -269,16 +268,14 @@ def main(argv=None):
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--slots", type=int, default=16, help="continuous slots = static --max-batch")
     parser.add_argument("--slot-length", type=int, default=128, help="KV-cache columns per slot")
-    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="answer lengths, in turn")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
-    lengths = tuple(int(n) for n in args.lengths.split(","))
 
     from jblip.pipeline import DEFAULT_MODEL
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             path = DEFAULT_MODEL if name == "demo" else build_94m(tmp) if name == "94m" else name
-            bench_model(path, name, clients, args.slots, args.slot_length, lengths)
+            bench_model(path, name, clients, args.slots, args.slot_length)
 
 
 if __name__ == "__main__":

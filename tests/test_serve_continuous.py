@@ -26,13 +26,14 @@ httpx = pytest.importorskip("httpx2")
 
 import jblip  # noqa: E402
 from jblip.pipeline import DEFAULT_MODEL  # noqa: E402
+from jblip.sampling import SamplerConfig  # noqa: E402
 from jblip.serve import BackgroundServer, ServerSettings, build_app  # noqa: E402
 from jblip.serve.batch_engine import BatchingEngine  # noqa: E402
 from jblip.serve.engine import EngineRequest, Failed, Finished, Tokens  # noqa: E402
 from jblip.serve.options import Decoding  # noqa: E402
 from jblip.serve.slot_engine import SlotEngine  # noqa: E402
 from jblip.serve.slot_program import DecoderSlots  # noqa: E402
-from tests.hf_models import IMAGE_TOKEN, TINY_OPT, left_padded_prompts, right_padded_text  # noqa: E402
+from tests.hf_models import IMAGE_TOKEN, NUM_QUERIES, TINY_OPT, left_padded_prompts, right_padded_text  # noqa: E402
 from tests.hf_models import tiny_blip2, tiny_instructblip  # noqa: E402
 from tests.test_demo import EXAMPLES  # noqa: E402
 
@@ -108,21 +109,6 @@ def test_what_the_program_cannot_decode_goes_elsewhere(tiny):
     beam.decoding = Decoding(beam.decoding.sampler.replace(strategy="beam", num_beams=2), 0, False, (), 1)
     too_many, _ = _request(tiny, 0, 3, "sample", 4, n=3)
     assert not any(program.accepts(r) for r in (too_long, beam, too_many))
-
-
-def test_flan_t5_and_engine_static_are_served_by_static_batching():
-    from types import SimpleNamespace
-
-    from jblip.config import preset
-    from jblip.serve.server import build_engine
-    t5 = SimpleNamespace(config=preset("blip2-flan-t5-xl"))
-    assert isinstance(build_engine(t5, ServerSettings("t5")), BatchingEngine)
-    with pytest.raises(ValueError, match="decoder-only"):
-        DecoderSlots(t5)
-    llama = SimpleNamespace(config=preset("tiny-instructblip-vicuna"))
-    assert isinstance(build_engine(llama, ServerSettings("x", engine="static")), BatchingEngine)
-    with pytest.raises(ValueError, match="unknown engine"):
-        build_engine(llama, ServerSettings("x", engine="dynamic"))
 
 
 # ----------------------------------------------------------------------------- the demo model, served
