@@ -63,23 +63,17 @@ def _layer_number(layer) -> int:
 
 def write_layer(cache, layer, k, v, index):
     """Store layer `layer`'s k/v [B, T, N, H] at slots index..index+T-1; returns the new cache."""
-    if is_per_layer(cache):
-        i = _layer_number(layer)
-
-        def put_layer(bufs, x):
-            zero = jnp.zeros((), jnp.int32)
-            start = (zero, zero, zero, jnp.asarray(index, jnp.int32), zero)
-            new = _placed(jax.lax.dynamic_update_slice(bufs[i], jnp.swapaxes(x, 1, 2).astype(bufs[i].dtype)[None],
-                                                       start), AXES)
-            return bufs[:i] + (new,) + bufs[i + 1:]
-        return {"k": put_layer(tuple(cache["k"]), k), "v": put_layer(tuple(cache["v"]), v)}
-
-    def put(buf, x):
+    def put(buf, x, position):
         x = jnp.swapaxes(x, 1, 2).astype(buf.dtype)[None]         # [1, B, N, T, H]
         zero = jnp.zeros((), jnp.int32)
-        start = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32), zero)
+        start = (jnp.asarray(position, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32), zero)
         return _placed(jax.lax.dynamic_update_slice(buf, x, start), AXES)
-    return {"k": put(cache["k"], k), "v": put(cache["v"], v)}
+
+    if is_per_layer(cache):  # layer i's own [1, ...] buffer, at position 0
+        i = _layer_number(layer)
+        replace = lambda bufs, x: tuple(bufs[:i]) + (put(bufs[i], x, 0),) + tuple(bufs[i + 1:])
+        return {"k": replace(cache["k"], k), "v": replace(cache["v"], v)}
+    return {"k": put(cache["k"], k, layer), "v": put(cache["v"], v, layer)}
 
 
 def read_layer(cache, layer):
