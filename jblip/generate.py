@@ -232,28 +232,34 @@ def _loop_model(module: BlipModel, params, layer_loop: str, loop_llm=None):
     return module.clone(layer_loop=layer_loop), dict(params, llm=llm)
 
 
-def generate(module: BlipModel, params, static: StaticSampler, rows: RowSampler, pixel_values, input_ids,
-             attention_mask, qformer_ids=None, qformer_mask=None, prepend_queries: bool = False,
-             layer_loop: str = "scan", loop_llm=None) -> GenerateOutput:
-    """Decode on device. Call through `jax.jit` with `module`, `static`, `prepend_queries` and
-    `layer_loop` (`jblip.scan.LAYER_LOOPS`, from the platform the program runs on) static;
-    `rows` (one value per input row, from `jblip.sampling.split`) is traced, so new knob values
-    reuse the compiled program. `loop_llm`: the LM params already split per layer (see
-    `_loop_model`)."""
-    batch = input_ids.shape[0]
-    if rows.max_new_tokens.shape != (batch,):
-        raise ValueError(f"the sampler's per-row values have shape {rows.max_new_tokens.shape}; "
-                         f"the batch has {batch} rows")
+class Prefilled(NamedTuple):
+    """What the decode loop starts from: the prompt's last logits, the LM state, and the tokens
+    the processors see so far."""
+    logits: jax.Array    # [B, V]
+    lm: LMState
+    history: jax.Array   # [B, P] ids
+    valid: jax.Array     # [B, P]
+
+
+def prefill(module: BlipModel, params, static: StaticSampler, pixel_values, input_ids, attention_mask,
+            qformer_ids=None, qformer_mask=None, prepend_queries: bool = False, layer_loop: str = "scan",
+            loop_llm=None) -> Prefilled:
+    """Vision, Q-Former and the prompt's prefill into a cache sized for the bucketed output cap."""
     config = module.config
-    dtype = jnp.dtype(config.precision.text)
-    G = static.max_new_tokens_cap
     queries = module.apply({"params": params}, pixel_values, qformer_ids, qformer_mask, method=BlipModel.encode_image)
     embeds, mask = module.apply({"params": params}, queries, input_ids, attention_mask, prepend_queries,
                                 method=BlipModel.merge_queries)
     module, params = _loop_model(module, params, layer_loop, loop_llm)
-    logits, lm = start(module, params, embeds, mask, G, dtype)
-    history, valid = prompt_history(module, params, input_ids, attention_mask)
+    logits, lm = start(module, params, embeds, mask, static.max_new_tokens_cap, jnp.dtype(config.precision.text))
+    return Prefilled(logits, lm, *prompt_history(module, params, input_ids, attention_mask))
 
+
+def decode(module: BlipModel, params, static: StaticSampler, rows: RowSampler, prefilled: Prefilled,
+           layer_loop: str = "scan", loop_llm=None) -> GenerateOutput:
+    """The decode loop (greedy, sampled or beam search) from `prefill`'s output."""
+    module, params = _loop_model(module, params, layer_loop, loop_llm)
+    logits, lm, history, valid = prefilled
+    G = static.max_new_tokens_cap
     if static.strategy == "beam":
         K, n = static.num_beams, static.num_return_sequences
         expand = lambda x: jnp.repeat(x, K, axis=0)
@@ -272,3 +278,20 @@ def generate(module: BlipModel, params, static: StaticSampler, rows: RowSampler,
         tokens, scores = _sample_loop(module, params, static, sample_rows, logits, lm, history, valid, keys)
     lengths = _lengths(tokens, static, jnp.repeat(rows.max_new_tokens, n))
     return GenerateOutput(_mask_after_eos(tokens, lengths, static.pad_token_id), lengths, scores)
+
+
+def generate(module: BlipModel, params, static: StaticSampler, rows: RowSampler, pixel_values, input_ids,
+             attention_mask, qformer_ids=None, qformer_mask=None, prepend_queries: bool = False,
+             layer_loop: str = "scan", loop_llm=None) -> GenerateOutput:
+    """Decode on device: `prefill` then `decode` in one program. Call through `jax.jit` with
+    `module`, `static`, `prepend_queries` and `layer_loop` (`jblip.scan.LAYER_LOOPS`, from the
+    platform the program runs on) static; `rows` (one value per input row, from
+    `jblip.sampling.split`) is traced, so new knob values reuse the compiled program.
+    `loop_llm`: the LM params already split per layer (see `_loop_model`)."""
+    batch = input_ids.shape[0]
+    if rows.max_new_tokens.shape != (batch,):
+        raise ValueError(f"the sampler's per-row values have shape {rows.max_new_tokens.shape}; "
+                         f"the batch has {batch} rows")
+    prefilled = prefill(module, params, static, pixel_values, input_ids, attention_mask, qformer_ids, qformer_mask,
+                        prepend_queries, layer_loop, loop_llm)
+    return decode(module, params, static, rows, prefilled, layer_loop, loop_llm)

@@ -13,8 +13,11 @@ import numpy as np
 
 from jblip import families, sharding
 from jblip.config import ModelConfig, Precision
+from jblip.compiler_options import decode_options, split_decode
 from jblip.generate import GenerateOutput
+from jblip.generate import decode as decode_tokens
 from jblip.generate import generate as generate_tokens
+from jblip.generate import prefill as prefill_tokens
 from jblip.layer_buffers import layer_views
 from jblip.model import BlipModel, abstract_params
 from jblip.sampling import SamplerConfig, bucket, longest_output, split
@@ -237,12 +240,24 @@ class VisionLanguageModel:
 
     @functools.cached_property
     def _generate_jit(self):
-        layer_loop = self.layer_loop
+        """generate's compiled program(s): one on accelerators; on CPU the prefill and the decode
+        loop apart, each with its own compiler options (`jblip.compiler_options`)."""
+        layer_loop, platform = self.layer_loop, self.platform
+        if not split_decode(platform):
+            def run(params, loop_llm, static, rows, prepend_queries, **inputs):
+                return generate_tokens(self.module, params, static, rows, prepend_queries=prepend_queries,
+                                       layer_loop=layer_loop, loop_llm=loop_llm, **inputs)
+            return jax.jit(run, static_argnames=("static", "prepend_queries"))
 
-        def run(params, loop_llm, static, rows, prepend_queries, **inputs):
-            return generate_tokens(self.module, params, static, rows, prepend_queries=prepend_queries,
-                                   layer_loop=layer_loop, loop_llm=loop_llm, **inputs)
-        return jax.jit(run, static_argnames=("static", "prepend_queries"))
+        def run_prefill(params, loop_llm, static, prepend_queries, **inputs):
+            return prefill_tokens(self.module, params, static, prepend_queries=prepend_queries,
+                                  layer_loop=layer_loop, loop_llm=loop_llm, **inputs)
+
+        def run_decode(params, loop_llm, static, rows, prefilled):
+            return decode_tokens(self.module, params, static, rows, prefilled, layer_loop, loop_llm)
+        return _TwoPrograms(jax.jit(run_prefill, static_argnames=("static", "prepend_queries")),
+                            jax.jit(run_decode, static_argnames="static",
+                                    compiler_options=decode_options(platform)))
 
     def generate(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
                  qformer_attention_mask=None, sampler: SamplerConfig | None = None, seed=0,
@@ -287,6 +302,24 @@ class VisionLanguageModel:
         if prompts is None:
             raise ValueError("generate_text needs prompts= (one, or one per image / video)")
         return answer(self, images, prompts, videos=videos, num_frames=num_frames, **options)
+
+
+class _TwoPrograms:
+    """generate as a prefill program then a decode program, called like the one-program jit."""
+
+    def __init__(self, prefill, decode):
+        self.prefill, self.decode = prefill, decode
+
+    def __call__(self, params, loop_llm, static, rows, prepend_queries, **inputs):
+        if rows.max_new_tokens.shape != (inputs["input_ids"].shape[0],):
+            raise ValueError(f"the sampler's per-row values have shape {rows.max_new_tokens.shape}; "
+                             f"the batch has {inputs['input_ids'].shape[0]} rows")
+        prefilled = self.prefill(params, loop_llm, static, prepend_queries, **inputs)
+        return self.decode(params, loop_llm, static, rows, prefilled)
+
+    def _cache_size(self) -> int:
+        """Compiled generate programs, counted as pairs (the two compile for the same keys)."""
+        return self.decode._cache_size()
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
