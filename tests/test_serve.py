@@ -31,6 +31,7 @@ from jblip.processing import Processor  # noqa: E402
 from jblip.serve import BackgroundServer, ServerSettings, build_app  # noqa: E402
 from jblip.serve.batch_engine import BatchingEngine  # noqa: E402
 from jblip.serve.images import ImageLimits  # noqa: E402
+from jblip.serve.slot_engine import SlotEngine  # noqa: E402
 from tests.test_demo import EXAMPLES, example_rows  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")),
@@ -178,9 +179,15 @@ def test_text_completions_and_local_files(client, server, model):
         client.chat.completions.create(**chat_body(question, "../" * 8 + example("red_circle.png")[1:]))
 
 
-def test_beam_search_and_extras(client, model):
+def test_beam_search_and_extras(server, client, model):
     options = dict(num_beams=3, n=2, max_tokens=8, repetition_penalty=1.5, length_penalty=0.8, min_tokens=2)
+    static = server.server.config.app.state.engine.fallback
+    batches = static.batches_run
     reply = ask(client, "What shape is it?", "green_triangle.png", extra_body=options)
+    deadline = time.monotonic() + 10  # counted once the batch's events are out
+    while static.batches_run == batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert static.batches_run == batches + 1  # beam search: static batching
     want = model.generate_text(example("green_triangle.png"), "What shape is it?", num_beams=3,
                                num_return_sequences=2, max_new_tokens=8, repetition_penalty=1.5,
                                length_penalty=0.8, min_new_tokens=2)
@@ -376,17 +383,22 @@ def test_cli_serves_and_shuts_down_on_sigterm(tmp_path):
     assert "Shutting down" in log and "model 'demo'" in log
 
 
-def test_new_sampling_knobs_never_recompile(client, model):
+def test_new_sampling_knobs_never_recompile(server, client, model):
     def sample(temperature, top_p, max_tokens, seed):
         return ask(client, "What colour is the background?", "green_triangle.png", temperature=temperature,
                    top_p=top_p, max_tokens=max_tokens, seed=seed)
 
-    sample(0.5, 0.9, 12, 0)  # warm-up: the sampling program at this prompt bucket
-    compiled = model._generate_jit._cache_size()
+    engine = server.server.config.app.state.engine
+    assert isinstance(engine, SlotEngine)  # continuous batching by default
+    sample(0.5, 0.9, 12, 0)  # warm-up: the admission program at this prompt bucket, the step
+    compiled, slot_programs = model._generate_jit._cache_size(), engine.program.compiled
     for temperature, top_p, max_tokens, seed in [(0.7, 0.8, 9, 1), (1.3, 1.0, 16, 2), (0.2, 0.5, 3, 3)]:
         reply = sample(temperature, top_p, max_tokens, seed)
         assert reply.usage.completion_tokens <= max_tokens
         assert reply.choices[0].message.content == model.generate_text(
             example("green_triangle.png"), "What colour is the background?", do_sample=True,
             temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, seed=seed, all_processors=True)[0]
+    greedy = ask(client, "What colour is the background?", "green_triangle.png", max_tokens=7)
+    assert greedy.choices[0].message.content == "grey"
     assert model._generate_jit._cache_size() == compiled + 1  # the one generate_text batch shape, once
+    assert engine.program.compiled == slot_programs

@@ -18,6 +18,9 @@ def add_arguments(parser):
                                                     "folder's name, e.g. 'demo')")
     parser.add_argument("--mesh", help='device mesh for the weights, e.g. "tensor=4" or "fsdp=-1" '
                                        "(default: one device)")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="compile continuous batching's programs (admission at every batch size, the step) "
+                             "before listening, instead of on the first requests")
     g = parser.add_argument_group("search (text -> image over an index built by `jblip index`)")
     g.add_argument("--index", metavar="INDEX_DIR", help="serve POST /v1/search over this index and a search tab "
                                                         "in the playground (off by default)")
@@ -26,6 +29,13 @@ def add_arguments(parser):
                                                             "`jblip search`; the bundled demo retrieval model)")
     g = parser.add_argument_group("limits")
     g.add_argument("--max-batch", type=int, default=8, help="most answers decoded at once (default 8)")
+    g.add_argument("--engine", choices=("continuous", "static"), default="continuous",
+                   help="continuous batching in decode slots (default; beam search and Flan-T5 are batched "
+                        "statically), or static batching only (a batch waits for its longest answer)")
+    g.add_argument("--slots", type=int, help="decode slots of continuous batching (default: --max-batch)")
+    g.add_argument("--slot-length", type=int, default=256,
+                   help="KV-cache columns per slot: a request fits when its prompt (bucketed, image queries "
+                        "included) plus max_tokens fit; longer ones are batched statically (default 256)")
     g.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting; more are answered 429 (default 64)")
     g.add_argument("--max-prompt-tokens", type=int, default=128,
@@ -48,13 +58,14 @@ def settings_from(args, model_name: str):
     from jblip.serve.images import ImageLimits
     from jblip.serve.prepare import ServerSettings
     for name in ("max_batch", "max_queue", "max_prompt_tokens", "default_max_tokens", "max_tokens_limit",
-                 "max_image_bytes", "max_image_pixels"):
-        if getattr(args, name) < 1:
+                 "max_image_bytes", "max_image_pixels", "slots", "slot_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.allow_local_files is not None and not os.path.isdir(args.allow_local_files):
         raise FileNotFoundError(f"--allow-local-files: no folder at {args.allow_local_files}")
     images = ImageLimits(args.max_image_bytes, args.max_image_pixels, args.allow_local_files)
     return ServerSettings(model_name=model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+                          engine=args.engine, slots=args.slots, slot_length=args.slot_length, warm_up=args.warm_up,
                           max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
                           max_tokens_limit=args.max_tokens_limit, images=images,
                           shutdown_timeout=args.shutdown_timeout)

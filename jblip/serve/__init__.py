@@ -6,7 +6,9 @@
 
 Layout: `protocol` (request bodies), `prepare` (body -> engine request, limits),
 `images` (image URLs, size limits), `options` (OpenAI options -> decoding settings),
-`engine` (the engine interface), `batch_engine` (static batching through `generate`),
+`engine` (the engine interface), `slot_engine` (continuous batching: the scheduler over decode
+slots) and `slot_program` (its device side for decoder-only LMs), `batch_engine` (static
+batching through `generate`: beam search, Flan-T5, answers longer than a slot),
 `text_stream` (incremental text with stop strings), `metrics` (Prometheus), `app`
 (endpoints), `server` (uvicorn, in the foreground or a background thread), `limits` (GET
 /limits), `playground` (the browser page at GET /, its files in `static/`), `search` (text ->

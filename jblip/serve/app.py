@@ -8,6 +8,7 @@ browser playground at GET / (`jblip.serve.playground`). Errors are OpenAI-style 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import time
@@ -166,15 +167,29 @@ def create_app(engine: Engine, builder: RequestBuilder, settings: ServerSettings
             metrics.cancelled.inc()
         engine.cancel(run.request.id)  # frees its slot at once when it ended early (stop string, client gone)
 
-    async def events(run: Run, request: Request | None):
-        """(index, text delta, finish reason or None) until every answer has finished."""
-        while not run.done:
+    async def next_event(run: Run, pending: collections.deque, request: Request | None):
+        """The next engine event; consecutive token events of one answer that are already
+        waiting come merged (when the engine is ahead of the client, fewer, larger chunks)."""
+        while not pending:
             try:
-                event = await asyncio.wait_for(run.queue.get(), DISCONNECT_POLL_S)
+                pending.append(await asyncio.wait_for(run.queue.get(), DISCONNECT_POLL_S))
             except asyncio.TimeoutError:
                 if request is not None and await request.is_disconnected():
                     raise ClientGone()
                 continue
+            while not run.queue.empty():
+                pending.append(run.queue.get_nowait())
+        event = pending.popleft()
+        same_answer = lambda e: isinstance(e, Tokens) and e.index == event.index  # noqa: E731
+        while isinstance(event, Tokens) and pending and same_answer(pending[0]):
+            event = Tokens(event.index, event.ids + pending.popleft().ids)
+        return event
+
+    async def events(run: Run, request: Request | None):
+        """(index, text delta, finish reason or None) until every answer has finished."""
+        pending: collections.deque = collections.deque()
+        while not run.done:
+            event = await next_event(run, pending, request)
             if isinstance(event, Failed):
                 raise APIError(event.message, event.status, "server_error")
             if isinstance(event, Tokens):

@@ -20,6 +20,10 @@ class ServerSettings:
     model_name: str
     max_batch: int = 8
     max_queue: int = 64
+    engine: str = "continuous"          # "continuous" (slots; beam search and T5 batched statically) or "static"
+    slots: int | None = None            # continuous batching's decode slots (default: max_batch)
+    slot_length: int = 256              # cache columns per slot: bucketed prompt + max_tokens (longer: static)
+    warm_up: bool = False               # compile the continuous engine's programs before serving
     max_prompt_tokens: int = 128        # LAVIS' max_txt_len; longer prompts are refused, not cut
     default_max_tokens: int = 64        # when a request names no max_tokens (less if the prompt leaves less room)
     max_tokens_limit: int = 1024        # the most any request may ask for

@@ -6,26 +6,66 @@ uvicorn handles SIGTERM/SIGINT: it stops accepting connections, waits up to
 """
 from __future__ import annotations
 
+import base64
+import io
 import os
 import signal
 import threading
 import time
 
 import uvicorn
+from PIL import Image
 
+from jblip import families
 from jblip.serve.app import create_app
 from jblip.serve.batch_engine import BatchingEngine
 from jblip.serve.prepare import RequestBuilder, ServerSettings
+from jblip.serve.protocol import ChatCompletionRequest
+from jblip.serve.slot_engine import SlotEngine
 from jblip.serve.search import search_router
+from jblip.serve.slot_program import DecoderSlots
+
+ENGINES = ("continuous", "static")
+
+
+def build_engine(model, settings: ServerSettings, pad_id: int = 0):
+    """settings.engine "continuous": a `SlotEngine` over `DecoderSlots` for what it can decode
+    (greedy and sampled answers of a decoder-only LM that fit a slot), with a `BatchingEngine`
+    for the rest (beam search, Flan-T5, answers longer than a slot); "static": the
+    `BatchingEngine` alone."""
+    if settings.engine not in ENGINES:
+        raise ValueError(f"unknown engine {settings.engine!r}; choose one of {', '.join(ENGINES)}")
+    static = BatchingEngine(model, settings.max_batch, settings.max_queue, pad_id)
+    if settings.engine == "static" or families.family(model.config).encoder_decoder:
+        return static
+    program = DecoderSlots(model, settings.slots or settings.max_batch, settings.slot_length, pad_id=pad_id)
+    return SlotEngine(program, settings.max_queue, fallback=static, eos_token_ids=program.eos_token_ids)
+
+
+def warm_up(engine, builder: RequestBuilder):
+    """Compile the continuous engine's admission (one-word prompts' bucket, every batch size) and
+    its step now rather than on the first requests."""
+    program = getattr(engine, "program", None)
+    if program is None or not hasattr(program, "warm_up"):
+        return
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    body = ChatCompletionRequest(model=builder.settings.model_name, max_tokens=1,
+                                 messages=[{"role": "user", "content": "a"}])
+    program.warm_up(builder.build(body, "a", url, lambda event: None))
 
 
 def build_app(model, processor, settings: ServerSettings, engine=None, search=None):
-    """The ASGI app for a loaded model and its processor (engine: `BatchingEngine` by default);
+    """The ASGI app for a loaded model and its processor (engine: `build_engine`'s by default);
     `search`: an `IndexSearch` for the text -> image search endpoints (`jblip.serve.search`)."""
     pad = processor.tokenizer.special_id("pad_token")
     pad = pad if pad is not None else max(getattr(model.config.text, "pad_token_id", 0), 0)
-    engine = engine or BatchingEngine(model, settings.max_batch, settings.max_queue, pad)
-    app = create_app(engine, RequestBuilder(model, processor, settings), settings)
+    engine = engine or build_engine(model, settings, pad)
+    builder = RequestBuilder(model, processor, settings)
+    if settings.warm_up:
+        warm_up(engine, builder)
+    app = create_app(engine, builder, settings)
     app.include_router(search_router(search))
     return app
 
