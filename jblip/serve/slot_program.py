@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jblip import families, kv_cache
+from jblip.compiler_options import decode_options
 from jblip.language_model import LMState
 from jblip.model import BlipModel
 from jblip.pretrained import bucket_length
@@ -267,7 +268,7 @@ class DecoderSlots:
                               out_shardings=state)
         self._step = jax.jit(functools.partial(step, module, steps=steps, eos_ids=self.eos_token_ids,
                                                pad_id=base.pad_token_id), static_argnames="rows", donate_argnums=1,
-                             out_shardings=(state, where, where))
+                             out_shardings=(state, where, where), compiler_options=decode_options(model.platform))
         self._state = None
 
     @property
