@@ -46,21 +46,31 @@ CATEGORIES = (
     ("other llm step", r"llm\.decode_step"),
     ("processors + sampling", r"while/body/"),
 )
-DECODE_LOOP = "jit(run)/while/body/"
 
 
-def category(op_name: str) -> str | None:
+def program_name(platform: str) -> str:
+    """The jitted function that holds the decode loop: `VisionLanguageModel` compiles generate as
+    one program, or on CPU as prefill + decode programs (`jblip.compiler_options`)."""
+    from jblip.compiler_options import split_decode
+    return "run_decode" if split_decode(platform) else "run"
+
+
+def loop_prefix(program: str) -> str:
+    return f"jit({program})/while/body/"
+
+
+def category(op_name: str, program: str) -> str | None:
     """The breakdown category of an op of the decode loop (None: outside the loop)."""
-    if DECODE_LOOP not in op_name:
+    if loop_prefix(program) not in op_name:
         return None
-    tail = op_name.split(DECODE_LOOP, 1)[1]
+    tail = op_name.split(loop_prefix(program), 1)[1]
     for name, pattern in CATEGORIES:
         if re.search(pattern, tail):
             return name
     return "processors + sampling"
 
 
-def hlo_op_names(dump_dir: str, vocab: int, module: str = "jit_run") -> dict[str, str]:
+def hlo_op_names(dump_dir: str, vocab: int, program: str) -> dict[str, str]:
     """{instruction name: op_name} of the newest optimised `module` XLA dumped (as text).
 
     XLA drops the metadata of the dots it rewrites; a dot without one inherits the decode
@@ -68,7 +78,7 @@ def hlo_op_names(dump_dir: str, vocab: int, module: str = "jit_run") -> dict[str
     [.., vocab] outputs are the head, batched dots (heads as batch) attention, the others
     weight matmuls.
     """
-    files = sorted(glob.glob(os.path.join(dump_dir, f"*.{module}.*after_optimizations.txt")))
+    files = sorted(glob.glob(os.path.join(dump_dir, f"*.jit_{program}.*after_optimizations.txt")))
     names, in_loop, unnamed_dots = {}, set(), []
     computation = None
     for line in open(files[-1]):
@@ -82,7 +92,7 @@ def hlo_op_names(dump_dir: str, vocab: int, module: str = "jit_run") -> dict[str
         op_name = re.search(r'op_name="([^"]*)"', line)
         if op_name:
             names[match.group(1)] = op_name.group(1)
-            if DECODE_LOOP in op_name.group(1):
+            if loop_prefix(program) in op_name.group(1):
                 in_loop.add(computation)
         elif match.group(3) == "dot":
             shape = match.group(2)
@@ -91,7 +101,7 @@ def hlo_op_names(dump_dir: str, vocab: int, module: str = "jit_run") -> dict[str
             unnamed_dots.append((match.group(1), computation, kind))
     for name, computation, kind in unnamed_dots:
         if computation in in_loop:
-            names[name] = DECODE_LOOP + kind
+            names[name] = loop_prefix(program) + kind
     return names
 
 
@@ -109,24 +119,25 @@ def op_times(trace_dir: str, module: str = "jit_run") -> collections.Counter:
     return totals
 
 
-def traced_ops(run, trace_dir: str) -> collections.Counter:
+def traced_ops(run, trace_dir: str, module: str) -> collections.Counter:
     import jax
     run()  # compiled and warm
     jax.profiler.start_trace(trace_dir)
     run()
     jax.profiler.stop_trace()
-    return op_times(trace_dir)
+    return op_times(trace_dir, module)
 
 
-def breakdown(model, inputs: dict, new: int, dump_dir: str) -> dict[str, float]:
+def breakdown(model, inputs: dict, new: int, dump_dir: str, beams: int = 1) -> dict[str, float]:
     """ms per decode step per category (see CATEGORIES)."""
+    program = program_name(model.platform)
     with tempfile.TemporaryDirectory() as long_dir, tempfile.TemporaryDirectory() as short_dir:
-        long_ops = traced_ops(runner(model, inputs, new), long_dir)
-        short_ops = traced_ops(runner(model, inputs, 1), short_dir)
-    op_names = hlo_op_names(dump_dir, model.config.text.vocab_size)
+        long_ops = traced_ops(runner(model, inputs, new, beams), long_dir, f"jit_{program}")
+        short_ops = traced_ops(runner(model, inputs, 1, beams), short_dir, f"jit_{program}")
+    op_names = hlo_op_names(dump_dir, model.config.text.vocab_size, program)
     per_step = collections.Counter()
     for op in set(long_ops) | set(short_ops):
-        name = category(op_names.get(op, ""))
+        name = category(op_names.get(op, ""), program)
         if name is not None:
             per_step[name] += (long_ops[op] - short_ops[op]) / 1e6 / (new - 1)
     return dict(per_step)
@@ -160,22 +171,24 @@ def step_bytes(model, batch: int, slots: int) -> tuple[int, int]:
     return weights, kv
 
 
-def runner(model, inputs: dict, new: int):
+def runner(model, inputs: dict, new: int, beams: int = 1):
     import jax
+    beam = dict(strategy="beam", num_beams=beams, early_stopping=False, length_penalty=1.0) if beams > 1 else {}
 
     def run():
-        out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, eos_token_ids=(2,), pad_token_id=0)
+        out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, eos_token_ids=(2,), pad_token_id=0,
+                             **beam)
         return jax.block_until_ready(out.tokens)
     return run
 
 
-def step_ms(models: dict, inputs: dict, new: int, repeats: int) -> dict[str, float]:
+def step_ms(models: dict, inputs: dict, new: int, repeats: int, beams: int = 1) -> dict[str, float]:
     """ms per decode step of each model, all timed in one interleaved series (machine noise
     hits them alike)."""
     from benchmarks.generate import interleaved_medians
     runners = {}
     for name, model in models.items():
-        runners[name, new], runners[name, 1] = runner(model, inputs, new), runner(model, inputs, 1)
+        runners[name, new], runners[name, 1] = runner(model, inputs, new, beams), runner(model, inputs, 1, beams)
     for run in runners.values():
         run()  # compile
     medians = interleaved_medians(runners, repeats)
@@ -188,6 +201,7 @@ def main(argv=None):
     parser.add_argument("--family", choices=("llama", "opt"), default="llama")
     parser.add_argument("--threads", type=int, default=1, help="cores the process is pinned to (default 1)")
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
     parser.add_argument("--new", type=int)
     parser.add_argument("--repeats", type=int)
     args = parser.parse_args(argv)
@@ -197,7 +211,7 @@ def main(argv=None):
     dump_dir = tempfile.mkdtemp(prefix="jblip-hlo-")
     # the optimised HLO carries each op's JAX name stack: dump it for the breakdown (before JAX starts)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_run")
+                               f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_run")  # (and jit_run_*)
     import jax
     from benchmarks.accelerator import decode_inputs
     from benchmarks.generate import copy_bandwidth
@@ -214,14 +228,15 @@ def main(argv=None):
         if not config.qformer.use_text_input:  # BLIP-2: the Q-Former reads no instruction
             inputs.update(qformer_input_ids=None, qformer_attention_mask=None)
         models = {loop: VisionLanguageModel(config, params, layer_loop=loop) for loop in LAYER_LOOPS}
-        steps = step_ms(models, inputs, new, repeats)
-        weights, kv = step_bytes(models[own], batch, config.num_query_tokens + 16 + new)
+        steps = step_ms(models, inputs, new, repeats, args.beams)
+        weights, kv = step_bytes(models[own], batch * args.beams, config.num_query_tokens + 16 + new)
+        case = f"greedy_b{batch}" if args.beams == 1 else f"beam{args.beams}_b{batch}"
         floor = 1e3 * (weights + kv) / bandwidth
         for loop, ms in steps.items():
-            print(f"case=greedy_b{batch} layer_loop={loop} step_ms={ms:.2f} floor_ms={floor:.2f} "
+            print(f"case={case} layer_loop={loop} step_ms={ms:.2f} floor_ms={floor:.2f} "
                   f"over_floor={ms / floor:.2f} tok_s={1e3 * batch / ms:.1f} weight_mb={weights / 1e6:.0f} "
                   f"kv_mb={kv / 1e6:.1f}", flush=True)
-        parts = breakdown(models[own], inputs, new, dump_dir)
+        parts = breakdown(models[own], inputs, new, dump_dir, args.beams)
         total = sum(parts.values())
         for name, _ in CATEGORIES:
             if name in parts:

@@ -1,4 +1,8 @@
 """Decoding equals HF `generate` token for token (greedy, beam search with penalties), per family."""
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -134,6 +138,39 @@ def test_both_layer_loops_decode_alike(setup):
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="layer_loop must be one of"):
         jblip.VisionLanguageModel(model.config, model.params, layer_loop="python")
+
+
+def test_cpu_generate_is_prefill_then_decode_without_ynnpack(setup):
+    """On CPU, generate runs as two programs, the decode loop compiled without YNNPACK
+    (`jblip.compiler_options`): the same tokens and scores as the one program accelerators run."""
+    family, hf, model, inputs, eos = setup
+    if family != "vicuna":
+        pytest.skip("checked once")
+    from jblip.compiler_options import decode_options
+    from jblip.generate import generate as generate_tokens
+    from jblip.pretrained import _as_nhwc
+    from jblip.sampling import split
+    assert decode_options("cpu") and decode_options("tpu") is None and decode_options("gpu") is None
+    programs = model._generate_jit
+    prepend = model.query_layout(inputs["input_ids"])
+    args = dict(pixel_values=_as_nhwc(inputs["pixel_values"], model.config.vision.num_channels),
+                input_ids=jnp.asarray(inputs["input_ids"], jnp.int32),
+                attention_mask=jnp.asarray(inputs["attention_mask"], jnp.int32),
+                qformer_ids=jnp.asarray(inputs["qformer_input_ids"], jnp.int32),
+                qformer_mask=jnp.asarray(inputs["qformer_attention_mask"], jnp.int32))
+    one_program = jax.jit(functools.partial(generate_tokens, model.module, layer_loop=model.layer_loop),
+                          static_argnames=("static", "prepend_queries"))
+    for options in (dict(), dict(strategy="beam", num_beams=3, repetition_penalty=1.5),
+                    dict(strategy="sample", temperature=1.3, top_p=0.9)):
+        sampler = model.default_sampler().replace(max_new_tokens=NEW, eos_token_ids=(eos,), pad_token_id=0, **options)
+        static, rows = split(sampler, args["input_ids"].shape[0], 3)
+        a = programs(model.params, model._decode_llm_params(), static, rows, prepend, **args)
+        b = one_program(model.params, static, rows, prepend_queries=prepend, **args)
+        np.testing.assert_array_equal(a.tokens, b.tokens, err_msg=str(options))
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+    prefilled = programs.prefill(model.params, None, static, prepend, **args)
+    decode_hlo = programs.decode.lower(model.params, None, static, rows, prefilled).compile().as_text()
+    assert "ynn_fusion" not in decode_hlo
 
 
 def test_argmax_matches_jnp_argmax_with_ties_and_nans():
