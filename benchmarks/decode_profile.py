@@ -48,11 +48,12 @@ CATEGORIES = (
 )
 
 
-def program_name(platform: str) -> str:
+def program_name(model) -> str:
     """The jitted function that holds the decode loop: `VisionLanguageModel` compiles generate as
     one program, or on CPU as prefill + decode programs (`jblip.compiler_options`)."""
     from jblip.compiler_options import split_decode
-    return "run_decode" if split_decode(platform) else "run"
+    from jblip.families import tied_head
+    return "run_decode" if split_decode(model.platform, tied_head(model.config)) else "run"
 
 
 def loop_prefix(program: str) -> str:
@@ -130,7 +131,7 @@ def traced_ops(run, trace_dir: str, module: str) -> collections.Counter:
 
 def breakdown(model, inputs: dict, new: int, dump_dir: str, beams: int = 1) -> dict[str, float]:
     """ms per decode step per category (see CATEGORIES)."""
-    program = program_name(model.platform)
+    program = program_name(model)
     with tempfile.TemporaryDirectory() as long_dir, tempfile.TemporaryDirectory() as short_dir:
         long_ops = traced_ops(runner(model, inputs, new, beams), long_dir, f"jit_{program}")
         short_ops = traced_ops(runner(model, inputs, 1, beams), short_dir, f"jit_{program}")

@@ -11,19 +11,23 @@ on one core (fp32; 24 products [M, 512] x [512, 1376] and a [M, 512] x [512, 320
     5-8    8.4-11.9 / 11.8-14.1 ms   7.2-8.1 / 8.9-9.7 ms
     300    9.5 ms (one layer pair)   11.9 ms
 
-So on CPU the decode loop compiles as its own program with YNNPACK off (`DECODE`), and
-everything else keeps XLA's defaults. Other platforms get no options.
+So on CPU the decode loop compiles as its own program with YNNPACK off (`decode_options`), and
+everything else keeps XLA's defaults. Except with a tied head (OPT; LLaMA or T5 with
+`tie_word_embeddings`): its kernel is the embedding table [V, D], read transposed, and XLA's own
+kernels take that product with 8 rows 13x slower than YNNPACK (vocabulary 50272 x 512: 208 vs
+15 ms per step); those decode loops keep the defaults too. Other platforms get no options.
 """
 from __future__ import annotations
 
 _CPU_DECODE = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no product goes to YNNPACK
 
 
-def decode_options(platform: str) -> dict | None:
-    """Compiler options for a decode loop's program on `platform` (None: XLA's defaults)."""
-    return dict(_CPU_DECODE) if platform == "cpu" else None
+def decode_options(platform: str, tied_head: bool = False) -> dict | None:
+    """Compiler options for a decode loop's program on `platform` (None: XLA's defaults);
+    `tied_head`: the LM's head is its embedding table (`jblip.families.tied_head`)."""
+    return dict(_CPU_DECODE) if platform == "cpu" and not tied_head else None
 
 
-def split_decode(platform: str) -> bool:
-    """Whether prefill and decode loop compile as two programs (their options differ)."""
-    return decode_options(platform) is not None
+def split_decode(platform: str, tied_head: bool = False) -> bool:
+    """Whether generate compiles prefill and decode loop as two programs (their options differ)."""
+    return decode_options(platform, tied_head) is not None

@@ -17,6 +17,7 @@ class Family:
     module: str             # "package.module:Class" of the language model
     table: str              # conversion table module (HF keys relative to `language_model.`)
     encoder_decoder: bool   # the prompt feeds an encoder; generated tokens feed a decoder
+    head_always_tied: bool = False  # the output head is always the token-embedding table
 
     @property
     def prompt_padding_side(self) -> str:
@@ -42,7 +43,8 @@ class Family:
 
 FAMILIES = {
     "llama": Family("llama", "jblip.llama:LlamaModel", "jblip.convert.tables.llama", encoder_decoder=False),
-    "opt": Family("opt", "jblip.opt:OPTModel", "jblip.convert.tables.opt", encoder_decoder=False),
+    "opt": Family("opt", "jblip.opt:OPTModel", "jblip.convert.tables.opt", encoder_decoder=False,
+                  head_always_tied=True),
     "t5": Family("t5", "jblip.t5:T5Model", "jblip.convert.tables.t5", encoder_decoder=True),
 }
 
@@ -55,3 +57,9 @@ def family(name_or_config) -> Family:
     except KeyError:
         raise ValueError(f"unknown language-model family {name!r}; jblip supports "
                          f"{', '.join(FAMILIES)}") from None
+
+
+def tied_head(config) -> bool:
+    """Whether the LM's output head is its token-embedding table (a ModelConfig or text config)."""
+    text = getattr(config, "text", config)
+    return family(text).head_always_tied or bool(getattr(text, "tie_word_embeddings", False))

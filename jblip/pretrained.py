@@ -240,10 +240,10 @@ class VisionLanguageModel:
 
     @functools.cached_property
     def _generate_jit(self):
-        """generate's compiled program(s): one on accelerators; on CPU the prefill and the decode
+        """generate's compiled program(s): one, or on CPU (untied heads) the prefill and the decode
         loop apart, each with its own compiler options (`jblip.compiler_options`)."""
-        layer_loop, platform = self.layer_loop, self.platform
-        if not split_decode(platform):
+        layer_loop, platform, tied = self.layer_loop, self.platform, families.tied_head(self.config)
+        if not split_decode(platform, tied):
             def run(params, loop_llm, static, rows, prepend_queries, **inputs):
                 return generate_tokens(self.module, params, static, rows, prepend_queries=prepend_queries,
                                        layer_loop=layer_loop, loop_llm=loop_llm, **inputs)
@@ -257,7 +257,7 @@ class VisionLanguageModel:
             return decode_tokens(self.module, params, static, rows, prefilled, layer_loop, loop_llm)
         return _TwoPrograms(jax.jit(run_prefill, static_argnames=("static", "prepend_queries")),
                             jax.jit(run_decode, static_argnames="static",
-                                    compiler_options=decode_options(platform)))
+                                    compiler_options=decode_options(platform, tied)))
 
     def generate(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
                  qformer_attention_mask=None, sampler: SamplerConfig | None = None, seed=0,

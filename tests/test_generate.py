@@ -151,6 +151,7 @@ def test_cpu_generate_is_prefill_then_decode_without_ynnpack(setup):
     from jblip.pretrained import _as_nhwc
     from jblip.sampling import split
     assert decode_options("cpu") and decode_options("tpu") is None and decode_options("gpu") is None
+    assert decode_options("cpu", tied_head=True) is None  # XLA's own kernels are slow for [V, D] heads
     programs = model._generate_jit
     prepend = model.query_layout(inputs["input_ids"])
     args = dict(pixel_values=_as_nhwc(inputs["pixel_values"], model.config.vision.num_channels),
