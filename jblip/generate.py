@@ -232,6 +232,12 @@ def _loop_model(module: BlipModel, params, layer_loop: str, loop_llm=None):
     return module.clone(layer_loop=layer_loop), dict(params, llm=llm)
 
 
+def check_rows(rows: RowSampler, batch: int):
+    if rows.max_new_tokens.shape != (batch,):
+        raise ValueError(f"the sampler's per-row values have shape {rows.max_new_tokens.shape}; "
+                         f"the batch has {batch} rows")
+
+
 class Prefilled(NamedTuple):
     """What the decode loop starts from: the prompt's last logits, the LM state, and the tokens
     the processors see so far."""
@@ -288,10 +294,7 @@ def generate(module: BlipModel, params, static: StaticSampler, rows: RowSampler,
     platform the program runs on) static; `rows` (one value per input row, from
     `jblip.sampling.split`) is traced, so new knob values reuse the compiled program.
     `loop_llm`: the LM params already split per layer (see `_loop_model`)."""
-    batch = input_ids.shape[0]
-    if rows.max_new_tokens.shape != (batch,):
-        raise ValueError(f"the sampler's per-row values have shape {rows.max_new_tokens.shape}; "
-                         f"the batch has {batch} rows")
+    check_rows(rows, input_ids.shape[0])
     prefilled = prefill(module, params, static, pixel_values, input_ids, attention_mask, qformer_ids, qformer_mask,
                         prepend_queries, layer_loop, loop_llm)
     return decode(module, params, static, rows, prefilled, layer_loop, loop_llm)

@@ -17,18 +17,25 @@ import jax.numpy as jnp
 
 LAYER_AXES = ("batch", "kv_heads", "cache_length", "kv")  # logical names of one layer's k or v
 AXES = ("layers",) + LAYER_AXES                           # logical names of a stacked cache leaf
-BATCH_AXIS = 1                                            # rows of a stacked leaf (beam reorder, repeat)
+
+
+def batch_axis(leaf) -> int:
+    """The rows axis of a cache leaf (beam reorder, repeat): 1 of a stacked [L, B, N, S, H]
+    leaf, 0 of a per-layer [B, N, S, H] buffer."""
+    return leaf.ndim - len(LAYER_AXES)
 
 
 def init(num_layers: int, batch: int, heads: int, max_len: int, head_dim: int, dtype=jnp.float32,
          per_layer: bool = False):
     """Zeroed cache. `per_layer` (the CPU layer loop, `jblip.scan.LAYER_LOOPS`): a tuple of
-    `[1, B, N, S, H]` buffers per k and v instead of one stacked array, so that reading a
-    layer's K/V is a free reshape rather than a copy of its slice out of the stack (XLA:CPU
-    copies dynamic slices before the attention products). Leaves keep `BATCH_AXIS` either way."""
+    `[B, N, S, H]` buffers per k and v instead of one stacked array, so that a layer reads its
+    K/V in place rather than a copy of its slice out of the stack (XLA:CPU copies dynamic slices
+    before the attention products). Four dimensions, not [1, B, N, S, H]: XLA:CPU fused the
+    update of such a buffer a second time into the reshape that the attention reads, and then
+    copied every layer's cache four times a step (94M model, batch 8: 7 of 37 ms per step)."""
     shape = (num_layers, batch, heads, max_len, head_dim)
     if per_layer:
-        layer = lambda: _placed(jnp.zeros((1,) + shape[1:], dtype), AXES)
+        layer = lambda: _placed(jnp.zeros(shape[1:], dtype), LAYER_AXES)  # noqa: E731
         return {"k": tuple(layer() for _ in range(num_layers)), "v": tuple(layer() for _ in range(num_layers))}
     return {"k": _placed(jnp.zeros(shape, dtype), AXES), "v": _placed(jnp.zeros(shape, dtype), AXES)}
 
@@ -49,7 +56,7 @@ def _placed(buf, axes):
 
 
 def num_slots(cache) -> int:
-    return (cache["k"][0] if is_per_layer(cache) else cache["k"]).shape[3]
+    return (cache["k"][0] if is_per_layer(cache) else cache["k"]).shape[-2]
 
 
 def _layer_number(layer) -> int:
@@ -63,15 +70,17 @@ def _layer_number(layer) -> int:
 
 def write_layer(cache, layer, k, v, index):
     """Store layer `layer`'s k/v [B, T, N, H] at slots index..index+T-1; returns the new cache."""
-    def put(buf, x, position):
-        x = jnp.swapaxes(x, 1, 2).astype(buf.dtype)[None]         # [1, B, N, T, H]
+    def put(buf, x, position=None):  # position: the layer in a stacked leaf
+        x = jnp.swapaxes(x, 1, 2).astype(buf.dtype)                # [B, N, T, H]
         zero = jnp.zeros((), jnp.int32)
-        start = (jnp.asarray(position, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32), zero)
-        return _placed(jax.lax.dynamic_update_slice(buf, x, start), AXES)
+        start = (zero, zero, jnp.asarray(index, jnp.int32), zero)
+        if position is None:
+            return _placed(jax.lax.dynamic_update_slice(buf, x, start), LAYER_AXES)
+        return _placed(jax.lax.dynamic_update_slice(buf, x[None], (jnp.asarray(position, jnp.int32),) + start), AXES)
 
-    if is_per_layer(cache):  # layer i's own [1, ...] buffer, at position 0
+    if is_per_layer(cache):  # layer i's own buffer
         i = _layer_number(layer)
-        replace = lambda bufs, x: tuple(bufs[:i]) + (put(bufs[i], x, 0),) + tuple(bufs[i + 1:])
+        replace = lambda bufs, x: tuple(bufs[:i]) + (put(bufs[i], x),) + tuple(bufs[i + 1:])  # noqa: E731
         return {"k": replace(cache["k"], k), "v": replace(cache["v"], v)}
     return {"k": put(cache["k"], k, layer), "v": put(cache["v"], v, layer)}
 
@@ -80,7 +89,7 @@ def read_layer(cache, layer):
     """Layer `layer`'s (k, v), each [B, N, S, H]."""
     if is_per_layer(cache):
         i = _layer_number(layer)
-        return _placed(cache["k"][i][0], LAYER_AXES), _placed(cache["v"][i][0], LAYER_AXES)
+        return cache["k"][i], cache["v"][i]
 
     def get(buf):
         return _placed(jax.lax.dynamic_index_in_dim(buf, layer, axis=0, keepdims=False), LAYER_AXES)

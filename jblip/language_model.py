@@ -44,7 +44,7 @@ from jblip.quantization import Quantization, dense, kernel_param
 @flax.struct.dataclass
 class LMState:
     """Everything a decode step needs besides the params; a pytree (jit/while_loop carry)."""
-    cache: Any                # stacked self-attention K/V {"k", "v"}, leaves [L, R, N, S, H]
+    cache: Any                # self-attention K/V {"k", "v"}, leaves [L, R, N, S, H] (`jblip.kv_cache`)
     key_mask: jax.Array       # [R, S] cache slots holding a token
     next_position: jax.Array  # [R] position id of the next fed token
     slot: jax.Array           # scalar: cache slot of the next fed token
@@ -52,7 +52,7 @@ class LMState:
     enc_mask: Any = None      # encoder-decoder: [R, S_enc]
 
     def _map_rows(self, fn):
-        stacked = lambda tree: jax.tree_util.tree_map(lambda x: fn(x, kv_cache.BATCH_AXIS), tree)
+        stacked = lambda tree: jax.tree_util.tree_map(lambda x: fn(x, kv_cache.batch_axis(x)), tree)
         rows = lambda x: None if x is None else fn(x, 0)
         return self.replace(cache=stacked(self.cache), key_mask=rows(self.key_mask),
                             next_position=rows(self.next_position), cross=stacked(self.cross),
@@ -66,7 +66,7 @@ def reorder(state: LMState, rows) -> LMState:
     rows of one prompt, and beams are only ever replaced by beams of their own
     prompt, so gathering those would copy them for nothing.
     """
-    take = lambda x: jnp.take(x, rows, axis=kv_cache.BATCH_AXIS)
+    take = lambda x: jnp.take(x, rows, axis=kv_cache.batch_axis(x))
     return state.replace(cache=jax.tree_util.tree_map(take, state.cache))
 
 

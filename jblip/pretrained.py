@@ -14,7 +14,7 @@ import numpy as np
 from jblip import families, sharding
 from jblip.config import ModelConfig, Precision
 from jblip.compiler_options import decode_options, split_decode
-from jblip.generate import GenerateOutput
+from jblip.generate import GenerateOutput, check_rows
 from jblip.generate import decode as decode_tokens
 from jblip.generate import generate as generate_tokens
 from jblip.generate import prefill as prefill_tokens
@@ -311,9 +311,7 @@ class _TwoPrograms:
         self.prefill, self.decode = prefill, decode
 
     def __call__(self, params, loop_llm, static, rows, prepend_queries, **inputs):
-        if rows.max_new_tokens.shape != (inputs["input_ids"].shape[0],):
-            raise ValueError(f"the sampler's per-row values have shape {rows.max_new_tokens.shape}; "
-                             f"the batch has {inputs['input_ids'].shape[0]} rows")
+        check_rows(rows, inputs["input_ids"].shape[0])
         prefilled = self.prefill(params, loop_llm, static, prepend_queries, **inputs)
         return self.decode(params, loop_llm, static, rows, prefilled)
 

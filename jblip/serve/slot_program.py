@@ -2,8 +2,8 @@
 for decoder-only language models (LLaMA / Vicuna, OPT).
 
 The program keeps one `SlotState` on the device for `num_slots` rows R, each of `columns` cache
-columns C: the LM's stacked KV cache [L, R, N, C + 1, H] with its key mask and next position
-ids (a `jblip.language_model.LMState`), and per row the pending next-token logits, the token
+columns C: the LM's KV cache [L, R, N, C + 1, H] (per layer on CPU, see `jblip.kv_cache`) with
+its key mask and next position ids (a `jblip.language_model.LMState`), and per row the pending next-token logits, the token
 history the processors read, the answer's length so far, a done flag, the decoding knobs (one
 `jblip.sampling.RowSampler` row: temperature, top_p, top_k, penalties, min / max tokens) and
 the row's random key. Every call donates the state, so XLA updates it in place; knob values
@@ -112,8 +112,8 @@ def admit(module: BlipModel, params, state: SlotState, batch: dict, dst, prepend
     columns = state.history.shape[1]
     put = lambda big, new: big.at[dst].set(new.astype(big.dtype), mode="drop")  # noqa: E731
     pad = lambda x: jnp.pad(x, ((0, 0), (0, columns - x.shape[1])))  # noqa: E731
-    cache = jax.tree_util.tree_map(lambda big, new: big.at[:, dst, :, :width].set(new.astype(big.dtype), mode="drop"),
-                                   state.lm.cache, lm.cache)
+    cache = jax.tree_util.tree_map(  # (leaves [L, R, N, C + 1, H], or per layer [R, N, C + 1, H])
+        lambda big, new: big.at[..., dst, :, :width, :].set(new.astype(big.dtype), mode="drop"), state.lm.cache, lm.cache)
     key_mask = put(state.lm.key_mask, jnp.pad(lm.key_mask, ((0, 0), (0, columns + 1 - width))))
     keys = jax.vmap(lambda s, j: jax.random.key_data(jax.random.fold_in(jax.random.key(s), j)))(
         batch["knobs"].seed, batch["index"])
@@ -156,8 +156,8 @@ def _settle(lm: LMState, before: LMState, column, active) -> LMState:
     rows = jnp.arange(column.shape[0])
     at = jnp.where(active, column, scratch + 1)  # out of range: dropped
 
-    def move(buf):  # [L, R, N, C + 1, H]
-        return buf.at[:, rows, :, at].set(jnp.moveaxis(buf[:, :, :, scratch], 1, 0), mode="drop")
+    def move(buf):  # [L, R, N, C + 1, H], or per layer [R, N, C + 1, H]
+        return buf.at[..., rows, :, at, :].set(jnp.moveaxis(buf[..., scratch, :], -3, 0), mode="drop")
     key_mask = lm.key_mask.at[rows, at].set(True, mode="drop").at[:, scratch].set(False)
     return lm.replace(cache=jax.tree_util.tree_map(move, lm.cache), key_mask=key_mask, slot=scratch,
                       next_position=jnp.where(active, lm.next_position, before.next_position))
@@ -167,7 +167,7 @@ def _map_rows(fn, state: SlotState, *more: SlotState) -> SlotState:
     """fn(axis, x, *same field of `more`) on every per-row array of the state (the cache's rows are
     its axis 1, every other array's axis 0; the shared scratch slot stays)."""
     rows0 = lambda *trees: jax.tree_util.tree_map(lambda *x: fn(0, *x), *trees)  # noqa: E731
-    lm = state.lm.replace(cache=jax.tree_util.tree_map(lambda *x: fn(kv_cache.BATCH_AXIS, *x), state.lm.cache,
+    lm = state.lm.replace(cache=jax.tree_util.tree_map(lambda *x: fn(kv_cache.batch_axis(x[0]), *x), state.lm.cache,
                                                        *(m.lm.cache for m in more)),
                           key_mask=fn(0, state.lm.key_mask, *(m.lm.key_mask for m in more)),
                           next_position=fn(0, state.lm.next_position, *(m.lm.next_position for m in more)))
