@@ -51,9 +51,9 @@ CATEGORIES = (
 def program_name(model) -> str:
     """The jitted function that holds the decode loop: `VisionLanguageModel` compiles generate as
     one program, or on CPU as prefill + decode programs (`jblip.compiler_options`)."""
-    from jblip.compiler_options import split_decode
+    from jblip.compiler_options import decode_options
     from jblip.families import tied_head
-    return "run_decode" if split_decode(model.platform, tied_head(model.config)) else "run"
+    return "run" if decode_options(model.platform, tied_head(model.config)) is None else "run_decode"
 
 
 def loop_prefix(program: str) -> str:

@@ -27,7 +27,3 @@ def decode_options(platform: str, tied_head: bool = False) -> dict | None:
     `tied_head`: the LM's head is its embedding table (`jblip.families.tied_head`)."""
     return dict(_CPU_DECODE) if platform == "cpu" and not tied_head else None
 
-
-def split_decode(platform: str, tied_head: bool = False) -> bool:
-    """Whether generate compiles prefill and decode loop as two programs (their options differ)."""
-    return decode_options(platform, tied_head) is not None

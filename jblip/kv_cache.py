@@ -70,19 +70,18 @@ def _layer_number(layer) -> int:
 
 def write_layer(cache, layer, k, v, index):
     """Store layer `layer`'s k/v [B, T, N, H] at slots index..index+T-1; returns the new cache."""
-    def put(buf, x, position=None):  # position: the layer in a stacked leaf
-        x = jnp.swapaxes(x, 1, 2).astype(buf.dtype)                # [B, N, T, H]
-        zero = jnp.zeros((), jnp.int32)
-        start = (zero, zero, jnp.asarray(index, jnp.int32), zero)
-        if position is None:
-            return _placed(jax.lax.dynamic_update_slice(buf, x, start), LAYER_AXES)
-        return _placed(jax.lax.dynamic_update_slice(buf, x[None], (jnp.asarray(position, jnp.int32),) + start), AXES)
-
-    if is_per_layer(cache):  # layer i's own buffer
+    if is_per_layer(cache):  # layer i's own buffers: the unstacked form (`write`)
         i = _layer_number(layer)
-        replace = lambda bufs, x: tuple(bufs[:i]) + (put(bufs[i], x),) + tuple(bufs[i + 1:])  # noqa: E731
-        return {"k": replace(cache["k"], k), "v": replace(cache["v"], v)}
-    return {"k": put(cache["k"], k, layer), "v": put(cache["v"], v, layer)}
+        new = write({"k": cache["k"][i], "v": cache["v"][i]}, k, v, index)
+        replace = lambda bufs, buf: tuple(bufs[:i]) + (buf,) + tuple(bufs[i + 1:])  # noqa: E731
+        return {name: replace(cache[name], new[name]) for name in ("k", "v")}
+
+    def put(buf, x):
+        x = jnp.swapaxes(x, 1, 2).astype(buf.dtype)[None]         # [1, B, N, T, H]
+        zero = jnp.zeros((), jnp.int32)
+        start = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32), zero)
+        return _placed(jax.lax.dynamic_update_slice(buf, x, start), AXES)
+    return {"k": put(cache["k"], k), "v": put(cache["v"], v)}
 
 
 def read_layer(cache, layer):

@@ -13,7 +13,7 @@ import numpy as np
 
 from jblip import families, sharding
 from jblip.config import ModelConfig, Precision
-from jblip.compiler_options import decode_options, split_decode
+from jblip.compiler_options import decode_options
 from jblip.generate import GenerateOutput, check_rows
 from jblip.generate import decode as decode_tokens
 from jblip.generate import generate as generate_tokens
@@ -242,8 +242,9 @@ class VisionLanguageModel:
     def _generate_jit(self):
         """generate's compiled program(s): one, or on CPU (untied heads) the prefill and the decode
         loop apart, each with its own compiler options (`jblip.compiler_options`)."""
-        layer_loop, platform, tied = self.layer_loop, self.platform, families.tied_head(self.config)
-        if not split_decode(platform, tied):
+        layer_loop = self.layer_loop
+        options = decode_options(self.platform, families.tied_head(self.config))
+        if options is None:  # the decode loop compiles as the rest does: one program
             def run(params, loop_llm, static, rows, prepend_queries, **inputs):
                 return generate_tokens(self.module, params, static, rows, prepend_queries=prepend_queries,
                                        layer_loop=layer_loop, loop_llm=loop_llm, **inputs)
@@ -257,7 +258,7 @@ class VisionLanguageModel:
             return decode_tokens(self.module, params, static, rows, prefilled, layer_loop, loop_llm)
         return _TwoPrograms(jax.jit(run_prefill, static_argnames=("static", "prepend_queries")),
                             jax.jit(run_decode, static_argnames="static",
-                                    compiler_options=decode_options(platform, tied)))
+                                    compiler_options=options))
 
     def generate(self, pixel_values, input_ids, attention_mask=None, qformer_input_ids=None,
                  qformer_attention_mask=None, sampler: SamplerConfig | None = None, seed=0,
