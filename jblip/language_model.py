@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 
 from jblip import kv_cache
+from jblip.head_product import head_product
 from jblip.layers import init_normal
-from jblip.quantization import Quantization, dense, kernel_param
+from jblip.quantization import Quantization, dense, is_quantized, kernel_param
 
 
 @flax.struct.dataclass
@@ -81,7 +82,8 @@ def positions_from_mask(mask):
 
 
 class LMHead(nn.Module):
-    """Untied output projection, kernel [D, V]; logits accumulated in float32."""
+    """Untied output projection, kernel [D, V]; logits accumulated in float32 (a few rows on CPU:
+    `jblip.head_product`)."""
     width: int
     vocab_rows: int
     dtype: Any = jnp.float32
@@ -92,7 +94,9 @@ class LMHead(nn.Module):
     def __call__(self, x):
         kernel = kernel_param(self, "kernel", init_normal(), (self.width, self.vocab_rows), ("embed", "vocab"), 1,
                               self.param_dtype, self.quant)
-        return dense(x, kernel, 1, self.dtype, preferred_element_type=jnp.float32)
+        if is_quantized(kernel):
+            return dense(x, kernel, 1, self.dtype, preferred_element_type=jnp.float32)
+        return head_product(x, kernel, self.dtype)
 
 
 def tied_logits(x, embedding, dtype):
