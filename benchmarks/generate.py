@@ -63,6 +63,7 @@ QUICK = dict(
 )
 CASES = (  # name, batch, decoding options shared by both libraries
     ("greedy_b1", 1, dict(num_beams=1)),
+    ("greedy_b2", 2, dict(num_beams=1)),
     ("greedy_b8", 8, dict(num_beams=1)),
     ("beam5_b1", 1, dict(num_beams=5)),
 )
