@@ -37,7 +37,7 @@ def test_small_kernels_and_partitioned_programs_keep_the_plain_product(kernel):
 
 @pytest.mark.parametrize("lead", [(2,), (1, 3), (3, 1, 1)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_cpu_forms_equal_the_plain_product(kernel, lead, dtype):
+def test_gemv_form_equals_the_plain_product(kernel, lead, dtype):
     x = jnp.asarray(np.random.default_rng(1).standard_normal(lead + (D,), np.float32))
     got = jax.jit(lambda x, k: head_product(x, k, dtype))(x, kernel)
     want = plain_product(x, kernel, dtype)
