@@ -51,9 +51,7 @@ CATEGORIES = (
 def program_name(model) -> str:
     """The jitted function that holds the decode loop: `VisionLanguageModel` compiles generate as
     one program, or on CPU as prefill + decode programs (`jblip.compiler_options`)."""
-    from jblip.compiler_options import decode_options
-    from jblip.families import tied_head
-    return "run" if decode_options(model.platform, tied_head(model.config)) is None else "run_decode"
+    return "run" if model.decode_options is None else "run_decode"
 
 
 def loop_prefix(program: str) -> str:
@@ -212,7 +210,8 @@ def main(argv=None):
     dump_dir = tempfile.mkdtemp(prefix="jblip-hlo-")
     # the optimised HLO carries each op's JAX name stack: dump it for the breakdown (before JAX starts)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_run")  # (and jit_run_*)
+                               f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+                               " --xla_dump_hlo_module_re=jit_run")  # (and jit_run_decode)
     import jax
     from benchmarks.accelerator import decode_inputs
     from benchmarks.generate import copy_bandwidth

@@ -27,18 +27,22 @@ import jax
 import jax.numpy as jnp
 
 from jblip.attention_kernels import unpartitioned
+from jblip.quantization import dense, is_quantized
 
 MIN_KERNEL_BYTES = 4 << 20
 GEMV_ROWS = range(2, 4)
 
 
 def plain_product(x, kernel, dtype):
-    """x [..., D] @ kernel [D, V] in `dtype`, accumulated in float32."""
-    return jnp.einsum("...d,dv->...v", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    """x [..., D] @ kernel [D, V] in `dtype` (a quantised kernel dequantised), accumulated in float32."""
+    return dense(x, kernel, 1, dtype, preferred_element_type=jnp.float32)
 
 
 def gemv_fits(rows: int, kernel) -> bool:
-    """Whether `rows` rows against `kernel` take a GEMV each in a CPU program (see above)."""
+    """Whether `rows` rows against `kernel` take a GEMV each in a CPU program (see above);
+    quantised kernels keep their own product."""
+    if is_quantized(kernel):
+        return False
     big = math.prod(kernel.shape) * jnp.dtype(kernel.dtype).itemsize >= MIN_KERNEL_BYTES
     return rows in GEMV_ROWS and big and unpartitioned()
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jblip import kv_cache
 from jblip.head_product import head_product
 from jblip.layers import init_normal
-from jblip.quantization import Quantization, dense, is_quantized, kernel_param
+from jblip.quantization import Quantization, kernel_param
 
 
 @flax.struct.dataclass
@@ -94,8 +94,6 @@ class LMHead(nn.Module):
     def __call__(self, x):
         kernel = kernel_param(self, "kernel", init_normal(), (self.width, self.vocab_rows), ("embed", "vocab"), 1,
                               self.param_dtype, self.quant)
-        if is_quantized(kernel):
-            return dense(x, kernel, 1, self.dtype, preferred_element_type=jnp.float32)
         return head_product(x, kernel, self.dtype)
 
 

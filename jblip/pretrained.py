@@ -143,6 +143,11 @@ class VisionLanguageModel:
         devices = self.mesh.devices.flat if self.mesh is not None else jax.devices()
         return next(iter(devices)).platform
 
+    @property
+    def decode_options(self) -> dict | None:
+        """Compiler options of this model's decode loops (`jblip.compiler_options`; None: XLA's defaults)."""
+        return decode_options(self.platform, families.tied_head(self.config))
+
     def sharding_context(self):
         """Context for tracing jitted calls: activation constraints take effect on the mesh."""
         return sharding.activation_rules(self.mesh, self.rules)
@@ -243,7 +248,7 @@ class VisionLanguageModel:
         """generate's compiled program(s): one, or on CPU (untied heads) the prefill and the decode
         loop apart, each with its own compiler options (`jblip.compiler_options`)."""
         layer_loop = self.layer_loop
-        options = decode_options(self.platform, families.tied_head(self.config))
+        options = self.decode_options
         if options is None:  # the decode loop compiles as the rest does: one program
             def run(params, loop_llm, static, rows, prepend_queries, **inputs):
                 return generate_tokens(self.module, params, static, rows, prepend_queries=prepend_queries,

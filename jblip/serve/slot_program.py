@@ -3,8 +3,8 @@ for decoder-only language models (LLaMA / Vicuna, OPT).
 
 The program keeps one `SlotState` on the device for `num_slots` rows R, each of `columns` cache
 columns C: the LM's KV cache [L, R, N, C + 1, H] (per layer on CPU, see `jblip.kv_cache`) with
-its key mask and next position ids (a `jblip.language_model.LMState`), and per row the pending next-token logits, the token
-history the processors read, the answer's length so far, a done flag, the decoding knobs (one
+its key mask and next position ids (a `jblip.language_model.LMState`), and per row the pending
+next-token logits, the token history the processors read, the answer's length so far, a done flag, the decoding knobs (one
 `jblip.sampling.RowSampler` row: temperature, top_p, top_k, penalties, min / max tokens) and
 the row's random key. Every call donates the state, so XLA updates it in place; knob values
 are data, so no temperature, top_p or max_tokens ever recompiles.
@@ -44,7 +44,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jblip import families, kv_cache
-from jblip.compiler_options import decode_options
 from jblip.language_model import LMState
 from jblip.model import BlipModel
 from jblip.pretrained import bucket_length
@@ -257,7 +256,7 @@ class DecoderSlots:
         self.text_pad = pad_id if 0 <= pad_id < model.config.text.vocab_size else 0
         self.live = np.zeros(num_slots, bool)
         # The stacked scan over the LM's layers on every platform: on CPU the per-layer buffers of
-        # `generate` measured slower here (16 busy slots, 94M: 36.9 vs 29.8 ms per step).
+        # `generate` measured slower here (16 busy slots, 94M: 36.9 vs 30.2 ms per step).
         module = model.module
         # The state keeps one placement from its first call on: jit compiles again for inputs that
         # are placed differently (a fresh state whose program reads no params would come back
@@ -270,7 +269,7 @@ class DecoderSlots:
                               out_shardings=state)
         self._step = jax.jit(functools.partial(step, module, steps=steps, eos_ids=self.eos_token_ids,
                                                pad_id=base.pad_token_id), static_argnames="rows", donate_argnums=1,
-                             out_shardings=(state, where, where), compiler_options=decode_options(model.platform, families.tied_head(model.config)))
+                             out_shardings=(state, where, where), compiler_options=model.decode_options)
         self._state = None
 
     @property
